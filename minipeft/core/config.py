@@ -1,0 +1,137 @@
+"""Config base class and the method registry.
+
+Every method has a dataclass config (a subclass of `PeftConfig`) and registers a
+`Method` that says how to inject it. `get_peft_model` looks the method up here; no
+other code needs to know which methods exist. Taught in chapter 02.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+# peft writes these bookkeeping fields into adapter_config.json; we read past them.
+_PEFT_BOOKKEEPING = {"auto_mapping", "revision", "peft_version", "base_model_name_or_path"}
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method shares. Subclasses add their own, each with a commented default."""
+
+    peft_type: ClassVar[str] = ""
+    # Names of modules to adapt: a list (exact name or dotted suffix), a regex string
+    # (full match) or "all-linear". None picks the per-architecture default.
+    target_modules: list[str] | str | None = None
+    # Modules trained in full and saved with the adapter (e.g. a new classification head).
+    modules_to_save: list[str] | None = None
+    # Recorded for the reader and for peft; minipeft never downloads it.
+    base_model_name_or_path: str | None = None
+    # "SEQ_CLS", "CAUSAL_LM", ... as in peft; informative only.
+    task_type: str | None = None
+    # True when loaded for inference: nothing is made trainable.
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, with peft's `peft_type` key so peft can read it."""
+        out = dataclasses.asdict(self)
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """Build the registered config class named by `data["peft_type"]`."""
+        peft_type = data.get("peft_type")
+        if peft_type not in REGISTRY:
+            raise ValueError(f"adapter config has peft_type={peft_type!r}; minipeft knows {sorted(REGISTRY)}")
+        config_cls = REGISTRY[peft_type].config_cls
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        ignored = {
+            k: v
+            for k, v in data.items()
+            if k not in names
+            and k != "peft_type"
+            and k not in _PEFT_BOOKKEEPING
+            and v not in (None, False, [], {}, "none")
+        }
+        if ignored:
+            warnings.warn(
+                f"{config_cls.__name__}: ignoring fields minipeft does not implement: {ignored}", stacklevel=2
+            )
+        return config_cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """True if `value` fits a (simple) type annotation: builtins, unions, list[...], Literal."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1]
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def check_field_types(config: Any) -> None:
+    """Raise TypeError naming the field, the value given and the type expected."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _matches(value, hints[f.name]):
+            raise TypeError(
+                f"{type(config).__name__}.{f.name} must be {hints[f.name]}, got {value!r} ({type(value).__name__})"
+            )
+
+
+@dataclass
+class Method:
+    """How one PEFT method plugs in: its config class and its layer class.
+
+    The default `inject` wraps each targeted module in `layer_cls` (or adds a named
+    adapter to a module already wrapped). Methods that do not wrap layers (prompts,
+    selective methods) override `inject`.
+    """
+
+    config_cls: type[PeftConfig]
+    layer_cls: type[nn.Module] | None = None
+    default_targets: dict[str, list[str]] = field(default_factory=dict)
+
+    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        from .inject import wrap_targets
+
+        wrap_targets(model, config, adapter_name, self)
+
+    def prepare_inputs(self, peft_model: nn.Module, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        """Rewrite the keyword inputs of `PeftModel.forward` / `.generate` before the base model sees
+        them. Methods that wrap layers change nothing; prompt methods (chapter 04) prepend virtual
+        tokens or pass key/value prefixes here."""
+        return kwargs
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry under its config's `peft_type`."""
+    REGISTRY[method.config_cls.peft_type] = method
+    return method

@@ -1,0 +1,236 @@
+"""The shared wrapper layers: `TunerLayer` (a base module plus named adapters) and
+`ModulesToSaveWrapper` (a trainable copy of a whole module, e.g. a new head).
+
+Merge, unmerge and disable are written once here, over each method's
+`delta_weight(name)`; a method only says what its update is. GPT-2's `Conv1D`, which
+stores its weight transposed as (in, out), is handled here and nowhere else.
+Taught in chapter 02.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .targets import is_linear
+
+
+class AdapterWrapper(nn.Module):
+    """Anything that wraps a base module and holds adapters keyed by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = ["default"]  # which adapters run in forward
+        self.disabled = False  # True inside PeftModel.disable_adapter()
+        self.row_adapters: list[str] | None = None  # mixed batch: one adapter name per row (PeftModel.forward)
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+
+def rows_of(names: list[str], x: torch.Tensor) -> dict[str, list[int]]:
+    """Mixed batch: the rows of x that use each adapter name (one name per row)."""
+    if x.shape[0] != len(names):
+        raise ValueError(
+            f"mixed batch: {len(names)} adapter names for an input of shape {tuple(x.shape)}; "
+            f"give one adapter name (or '__base__') per row, {x.shape[0]} here"
+        )
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    return groups
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The plain base module under any number of wrappers."""
+    while isinstance(module, TunerLayer):
+        module = module.base_layer
+    return module
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of nn.Linear or Conv1D (whose weight is (in, out))."""
+    module = innermost(module)
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out
+    if is_linear(module):  # nn.Linear, or a linear stored in another form (chapter 09)
+        return module.in_features, module.out_features
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def check_rank(layer: TunerLayer, r: int, method: str) -> None:
+    """A rank above min(d_in, d_out) adds parameters but no expressiveness: refuse it."""
+    limit = min(layer.in_features, layer.out_features)
+    if r > limit:
+        raise ValueError(
+            f"{method} rank r={r} exceeds min(d_in, d_out) = min({layer.in_features}, {layer.out_features}) "
+            f"of this layer; a rank above that adds parameters but no expressiveness. Use r <= {limit}"
+        )
+
+
+class TunerLayer(AdapterWrapper):
+    """A base module plus named adapters. Subclasses implement:
+
+    - `add_adapter(name, config)`: create the adapter's parameters;
+    - `apply_adapter(x, result, name)`: the adapted output, given the input and the
+      output so far (additive methods return `result + ...`, (IA)^3 `result * ...`);
+    - `delta_weight(name)`, only if the method can merge: the update in nn.Linear
+      layout (out, in), so that the merged weight is W + delta_weight; and `delta_bias(name)`
+      if the method also changes the base bias (chapter 06).
+    """
+
+    # Attributes that are dicts keyed by adapter name (saved, deleted, made trainable).
+    adapter_layer_names: tuple[str, ...] = ()
+    # True: merge() keeps the base entries it overwrites and unmerge() puts them back bit-exactly
+    # (cheap when the update is sparse or a vector, chapter 06); False: unmerge() subtracts.
+    exact_unmerge: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # Linear layers have (in, out) features; a method may also wrap a whole block (adapters).
+        linear = is_linear(innermost(base_layer))
+        self.in_features, self.out_features = linear_shape(base_layer) if linear else (None, None)
+        # Conv1D computes x @ W with W of shape (in, out): its update is stored transposed.
+        self.fan_in_fan_out = isinstance(innermost(base_layer), Conv1D)
+        self.merged_adapters: list[str] = []
+        self._kept: dict[str, list] = {}  # with exact_unmerge: the base entries each merge overwrote
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads `module.weight` keeps working."""
+        return innermost(self).weight
+
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_layer_names[0]).keys())
+
+    def delete_adapter(self, name: str) -> None:
+        for attr in self.adapter_layer_names:
+            if name in getattr(self, attr):  # optional parts (e.g. DoRA's magnitude) exist for some adapters only
+                del getattr(self, attr)[name]
+
+    def add_adapter(self, name: str, config) -> None:
+        raise NotImplementedError
+
+    def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        """The update of the base bias (out,) for methods that change it (BitFit, chapter 06); None: unchanged.
+        Such methods may return None from `delta_weight` when the weight does not change."""
+        return None
+
+    def _fold(self, name: str, sign: float) -> None:
+        base = innermost(self)
+        delta = self.delta_weight(name)
+        if delta is not None and hasattr(base, "add_to_weight"):
+            base.add_to_weight(sign * delta)  # (out, in); a 4-bit base re-rounds the sum (chapter 09)
+        elif delta is not None:
+            delta = delta.to(base.weight.dtype)  # (out, in)
+            base.weight.data += sign * (delta.T if self.fan_in_fan_out else delta)
+        bias = self.delta_bias(name)
+        if bias is not None:
+            base.bias.data += sign * bias.to(base.bias.dtype)  # (out,)
+
+    def _entries_to_restore(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(base parameter, flat indices, values there) for every entry a merge of `name` will change."""
+        base, weight, bias = innermost(self), self.delta_weight(name), self.delta_bias(name)
+        if weight is not None and self.fan_in_fan_out:
+            weight = weight.T  # Conv1D layout (in, out)
+        kept = []
+        for param, delta in ((base.weight, weight), (getattr(base, "bias", None), bias)):
+            if delta is not None:
+                index = delta.reshape(-1).nonzero().squeeze(1)  # (n_changed,)
+                kept.append((param, index, param.data.view(-1)[index].clone()))
+        return kept
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the named (default: active) adapters into the base weight."""
+        for name in names or self.active_adapters:
+            if name not in self.adapter_names():
+                continue
+            if name in self.merged_adapters:
+                raise ValueError(
+                    f"adapter {name!r} is already merged into this {type(self).__name__}; "
+                    "call unmerge_adapter() before merging again"
+                )
+            if self.exact_unmerge:
+                self._kept[name] = self._entries_to_restore(name)
+            self._fold(name, +1.0)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight again: bit-exactly with `exact_unmerge`
+        (the overwritten entries are put back), otherwise by subtraction (up to rounding)."""
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            if name in self._kept:
+                for param, index, values in self._kept.pop(name):
+                    param.data.view(-1)[index] = values
+            else:
+                # Still listed as merged while folding out: a delta that depends on the base weight
+                # (DoRA) needs to know.
+                self._fold(name, -1.0)
+            self.merged_adapters.pop()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:
+            return self.apply_per_row(x, result, self.row_adapters)
+        for name in self.active_adapters:
+            if name in self.adapter_names() and name not in self.merged_adapters:
+                result = self.apply_adapter(x, result, name)
+        return result
+
+    def apply_per_row(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Mixed batch: row i gets adapter names[i] (none for "__base__" or a name this layer lacks).
+        Generic: one `apply_adapter` per adapter on its rows; a method may override it with a gathered kernel."""
+        out = result.clone()
+        for name, rows in rows_of(names, x).items():
+            if name in self.adapter_names():
+                out[rows] = self.apply_adapter(x[rows], result[rows], name)
+        return out
+
+
+class ModulesToSaveWrapper(AdapterWrapper):
+    """Keeps the original module frozen and trains a copy per adapter (peft's layout:
+    `original_module` and `modules_to_save.<adapter>`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+
+    def add_adapter(self, name: str, config=None) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    def forward(self, *args, **kwargs):
+        if self.row_adapters is not None and not self.disabled:  # mixed batch: each row through its own copy
+            x, *rest = args
+            out = self.original_module(x, *rest, **kwargs)
+            for name, rows in rows_of(self.row_adapters, x).items():
+                if name in self.modules_to_save:
+                    out[rows] = self.modules_to_save[name](x[rows], *rest, **kwargs)
+            return out
+        active = [n for n in self.active_adapters if n in self.modules_to_save]
+        if self.disabled or not active:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[active[0]](*args, **kwargs)

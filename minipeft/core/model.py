@@ -1,0 +1,257 @@
+"""`PeftModel`: the wrapper every method returns, with HF peft's API.
+
+Parameter names mirror peft (`base_model.model.<module>.lora_A.<adapter>.weight`), so
+the adapter file written here loads in peft and the other way round. Taught in chapter 02.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import REGISTRY, PeftConfig
+from .inject import adapter_parameters, replace_module, set_active, set_trainable, wrap_modules_to_save
+from .io import load_adapter_files, save_adapter
+from .layers import AdapterWrapper, ModulesToSaveWrapper, TunerLayer
+
+PREFIX = "base_model.model."
+BASE_ROW = "__base__"  # in a mixed batch, the rows that run the base model alone (peft's name)
+
+
+class TunerModel(nn.Module):
+    """Holds the adapted model as `.model` (peft's `base_model.model` prefix)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def saved_key(internal: str, adapter_name: str) -> str:
+    """peft's file key: drop the adapter name (and the `modules_to_save` level)."""
+    key = internal.replace(f".modules_to_save.{adapter_name}.", ".")
+    return PREFIX + key.replace(f".{adapter_name}.", ".").removesuffix(f".{adapter_name}")
+
+
+class PeftModel(nn.Module):
+    """A model with one or more named adapters; `get_peft_model` builds it."""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = TunerModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """`adapter_names`: mixed-batch inference, one adapter per row ("__base__": none), as in HF peft."""
+        kwargs = self._prepare_inputs(kwargs)
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._mixed_batch(adapter_names, [*args, *kwargs.values()]):
+            return self.base_model(*args, **kwargs)
+
+    def _prepare_inputs(self, kwargs: dict, generating: bool = False) -> dict:
+        """Let the active adapter's method rewrite the inputs (prompt methods add virtual tokens)."""
+        return REGISTRY[self.peft_config[self.active_adapter].peft_type].prepare_inputs(self, kwargs, generating)
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        """The base model's `generate` with the active adapter. Leading columns a method added to
+        `input_ids` (virtual tokens) are dropped from the result, which starts with the caller's ids."""
+        n_in = kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None else None
+        kwargs = self._prepare_inputs(kwargs, generating=True)
+        out = self.base_model.model.generate(**kwargs)
+        if n_in is None or not isinstance(out, torch.Tensor):
+            return out
+        return out[:, kwargs["input_ids"].shape[1] - n_in :]
+
+    # -- adapters -------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Inject a new named adapter; the active adapter does not change (except the first)."""
+        if not isinstance(config, PeftConfig) or config.peft_type not in REGISTRY:
+            raise TypeError(f"expected a minipeft config ({sorted(REGISTRY)}), got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already: {sorted(self.peft_config)}")
+        REGISTRY[config.peft_type].inject(self.base_model.model, config, adapter_name)
+        wrap_modules_to_save(self.base_model.model, config.modules_to_save, adapter_name)
+        self.peft_config[adapter_name] = config
+        if adapter_name == self.active_adapter:
+            self.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make one adapter the one that runs and trains."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        set_active(self.base_model.model, [adapter_name])
+        set_trainable(self.base_model.model, adapter_name)
+        if self.peft_config[adapter_name].inference_mode:
+            for p in self.parameters():
+                p.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() another one before deleting it")
+        for module in self._wrappers():
+            if adapter_name in module.adapter_names():
+                module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+
+    def _wrappers(self) -> Iterator[AdapterWrapper]:
+        return (m for m in self.base_model.model.modules() if isinstance(m, AdapterWrapper))
+
+    # -- accounting -------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, counted as peft counts them."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        # A linear stored in 4 bits (chapter 09) keeps its weight in buffers: count the weights it encodes.
+        packed = sum(m.in_features * m.out_features for m in self.modules() if getattr(m, "is_linear_layer", False))
+        return trainable, sum(p.numel() for p in self.parameters()) + packed
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- merge ------------------------------------------------------------------------
+    def _tuner_layers(self) -> list[TunerLayer]:
+        return [m for m in self._wrappers() if isinstance(m, TunerLayer)]
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights (forward then costs nothing extra)."""
+        for layer in self._tuner_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._tuner_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter and return the plain base model, wrappers removed."""
+        self.merge_adapter()
+        model = self.base_model.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, TunerLayer):
+                replace_module(model, name, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper):
+                active = [n for n in module.active_adapters if n in module.modules_to_save]
+                replace_module(model, name, module.modules_to_save[active[0]] if active else module.original_module)
+        return model
+
+    @contextmanager
+    def disable_adapter(self):
+        """Inside the block the model computes exactly its base outputs."""
+        merged = [type(m).__name__ for m in self._tuner_layers() if m.merged_adapters]
+        if merged:
+            raise ValueError("disable_adapter() needs unmerged adapters; call unmerge_adapter() first")
+        wrappers = list(self._wrappers())
+        for m in wrappers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in wrappers:
+                m.disabled = False
+
+    @contextmanager
+    def _mixed_batch(self, adapter_names: list[str], inputs: list) -> Iterator[None]:
+        """Inside the block, row i of the batch runs through adapter adapter_names[i] in every wrapper."""
+        rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor)), None)
+        if not isinstance(adapter_names, (list, tuple)) or rows != len(adapter_names):
+            raise ValueError(
+                f"adapter_names must be a list with one adapter name per row of the batch ({rows} rows), "
+                f"'{BASE_ROW}' for the base model; got {adapter_names!r}"
+            )
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ROW})
+        if unknown:
+            raise ValueError(f"adapter_names: no adapters named {unknown}; this model has {sorted(self.peft_config)}")
+        if self.training:
+            raise ValueError("adapter_names= is for inference (one optimizer cannot train a mixed batch); call .eval()")
+        if any(m.merged_adapters for m in self._tuner_layers()):
+            raise ValueError("adapter_names= needs unmerged adapters (a merged one acts on every row); unmerge first")
+        wrappers = list(self._wrappers())
+        for m in wrappers:
+            m.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            for m in wrappers:
+                m.row_adapters = None
+
+    # -- save / load ------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under peft's file keys (nothing of the base model)."""
+        name = adapter_name or self.active_adapter
+        return {saved_key(k, name): p for k, p in adapter_parameters(self.base_model.model, name, buffers=True).items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as peft does: "default" at the top, others in a sub-directory."""
+        for name in selected_adapters or list(self.peft_config):
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            save_adapter(directory, self.peft_config[name].to_dict(), self.adapter_state_dict(name))
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an adapter read from `path` under `adapter_name`."""
+        config_dict, tensors = load_adapter_files(path)
+        config = PeftConfig.from_dict({**config_dict, "inference_mode": not is_trainable})
+        self.add_adapter(adapter_name, config)
+        self._load_tensors(adapter_name, tensors, path)
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], path) -> None:
+        params = self.adapter_state_dict(adapter_name)
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter file in {path} does not fit this model: missing keys {missing[:5]}, "
+                f"unexpected keys {unexpected[:5]}; was it saved from another architecture, config or base shape?"
+            )
+        for key, param in params.items():
+            if tensors[key].shape != param.shape:
+                raise ValueError(
+                    f"adapter file in {path}: {key} has shape {tuple(tensors[key].shape)} but this model "
+                    f"expects {tuple(param.shape)}; the adapter was saved from a base of another shape"
+                )
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(tensors[key])
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> PeftModel:
+        """Wrap `model` and load the adapter saved in `path` (by minipeft or by HF peft)."""
+        config_dict, tensors = load_adapter_files(path)
+        config = PeftConfig.from_dict({**config_dict, "inference_mode": not is_trainable})
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_tensors(adapter_name, tensors, path)
+        return peft_model
+
+
+def get_peft_model(
+    model: nn.Module, config: PeftConfig, adapter_name: str = "default", quantization=None
+) -> PeftModel:
+    """Wrap `model` with the method `config` describes; the only entry point.
+
+    `quantization` (e.g. `mp.NF4Config()`) first stores the targeted base linears in 4 bits
+    through its `quantize(model, config)`: LoRA on top of that is QLoRA (chapter 09)."""
+    if quantization is not None:
+        quantization.quantize(model, config)
+    return PeftModel(model, config, adapter_name)

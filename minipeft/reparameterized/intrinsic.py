@@ -1,0 +1,165 @@
+"""Intrinsic dimension: fine-tuning in a random d-dimensional subspace (Li et al., 2018,
+arXiv:1804.08838; Aghajanyan et al., 2021, arXiv:2012.13255). Taught in chapter 07.
+
+All targeted weights, flattened into one vector of D numbers, move only along d random directions:
+
+    theta_D = theta_0 + P theta_d,   P: (D, d) random, fixed;   only theta_d (d numbers) trains.
+
+The smallest d that reaches 90% of full fine-tuning's quality is the task's intrinsic dimension
+(d_90). A dense P would take D x d floats (3 GB for the testbed at d = 1000), so P is the
+Fastfood transform (Le et al., 2013), as in both papers: per block of n = 2^ceil(log2 d) rows,
+
+    P_block = H G Pi H B / (sqrt(n) ||g||),   H: n x n Walsh-Hadamard,  B: random signs,
+                                               Pi: a random permutation,  G = diag(g), g ~ N(0, 1)
+
+which costs O(D) memory (16 bytes per weight, four times fp32 weights) and O(D log n) time instead
+of O(D d), and has unit-norm rows. (Fastfood's extra diagonal S, which only gives rows Gaussian-like
+norms, is left out.) The random parts come from a seeded generator, one block range per layer,
+so they are regenerated, never saved: the adapter file holds theta_d only.
+
+theta_d is one vector shared by every adapted layer; the first layer owns the parameter (its
+peft-style key is `<first layer>.intrinsic_theta`), the others read it. Each layer computes its
+own rows of P theta_d, so its update merges like LoRA's. Not in HF peft.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import Method, PeftConfig, register
+from ..core.inject import replace_module
+from ..core.layers import TunerLayer
+from ..core.targets import find_targets
+
+
+@dataclass
+class IntrinsicConfig(PeftConfig):
+    peft_type = "INTRINSIC"
+    # d: the dimension of the trained subspace (the only trainable parameters).
+    intrinsic_dim: int = 1000
+    # Seed of the random projection; with it P is regenerated, never saved.
+    projection_prng_key: int = 0
+    # D, the number of projected weights; recorded at injection, checked when loading.
+    projected_size: int | None = None
+    # True: theta_d = 0 (identity at init). False: theta_d ~ N(0, 0.1^2) (tests).
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.intrinsic_dim < 1:
+            raise ValueError(f"IntrinsicConfig.intrinsic_dim must be a positive integer, got {self.intrinsic_dim}")
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform along the last axis (a power of 2): (..., n)."""
+    n, h = x.shape[-1], 1
+    lead = x.shape[:-1]
+    while h < n:
+        pairs = x.reshape(*lead, n // (2 * h), 2, h)  # (..., blocks, 2, h)
+        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*lead, n)
+
+
+class Fastfood(nn.Module):
+    """`size` rows of a Fastfood projection from d dimensions; the random parts are buffers that
+    are regenerated from `seed` and never saved."""
+
+    def __init__(self, d: int, size: int, seed: int) -> None:
+        super().__init__()
+        self.d, self.size, self.n = d, size, 1 << (d - 1).bit_length()  # n: power of 2 >= d
+        blocks = math.ceil(size / self.n)
+        gen = torch.Generator().manual_seed(seed)
+        sign = torch.randint(0, 2, (blocks, self.n), generator=gen).float() * 2 - 1  # B
+        perm = torch.argsort(torch.rand(blocks, self.n, generator=gen), dim=1)  # Pi
+        gauss = torch.randn(blocks, self.n, generator=gen)  # G
+        gauss /= math.sqrt(self.n) * gauss.norm(dim=1, keepdim=True)  # unit-norm rows
+        for key, value in (("sign", sign), ("perm", perm), ("gauss", gauss)):
+            self.register_buffer(key, value, persistent=False)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        x = F.pad(theta, (0, self.n - self.d)) * self.sign  # (blocks, n): B theta
+        x = torch.gather(hadamard(x), 1, self.perm)  # (blocks, n): Pi H B theta
+        return hadamard(x * self.gauss).reshape(-1)[: self.size]  # (size,): H G Pi H B theta
+
+
+class IntrinsicLayer(TunerLayer):
+    """One base linear whose weight moves along its rows of P theta_d."""
+
+    adapter_layer_names = ("intrinsic_theta",)  # only the owner layer holds theta_d here
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.intrinsic_theta = nn.ParameterDict()
+        self.fastfood = nn.ModuleDict()  # this layer's rows of P; buffers only, never saved
+        self.theta: dict[str, nn.Parameter] = {}  # theta_d, owned here or by another layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.fastfood.keys())
+
+    def add_adapter(self, name: str, config: IntrinsicConfig, theta: nn.Parameter, seed: int, owner: bool) -> None:
+        size = self.in_features * self.out_features
+        self.fastfood[name] = Fastfood(config.intrinsic_dim, size, seed).to(self.weight.device)
+        self.theta[name] = theta
+        if owner:
+            self.intrinsic_theta[name] = theta
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        del self.fastfood[name], self.theta[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        flat = self.fastfood[name](self.theta[name])  # (d_out * d_in,)
+        return flat.view(self.out_features, self.in_features)  # (d_out, d_in)
+
+    def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        delta = self.delta_weight(name)  # (d_out, d_in)
+        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+
+
+class IntrinsicMethod(Method):
+    """Wrap every target, then give all of them one shared theta_d and their own blocks of P."""
+
+    def inject(self, model: nn.Module, config: IntrinsicConfig, adapter_name: str) -> None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        layers = []
+        for name in find_targets(model, config.target_modules, self.default_targets.get(model_type)):
+            module = model.get_submodule(name)
+            if not isinstance(module, IntrinsicLayer):
+                module = IntrinsicLayer(module)
+                replace_module(model, name, module)
+            if adapter_name in module.adapter_names():
+                raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+            layers.append(module)
+        size = sum(layer.in_features * layer.out_features for layer in layers)
+        if config.projected_size not in (None, size):
+            raise ValueError(
+                f"IntrinsicConfig.projected_size={config.projected_size}, but the targeted weights of this model "
+                f"hold {size}: the adapter was trained on a base of another shape, where its subspace means nothing"
+            )
+        config.projected_size = size
+        weight = layers[0].weight
+        theta = torch.zeros(config.intrinsic_dim, device=weight.device, dtype=weight.dtype)  # (d,)
+        theta = nn.Parameter(theta if config.init_weights else theta.normal_(std=0.1))
+        for i, layer in enumerate(layers):
+            layer.add_adapter(
+                adapter_name, config, theta, seed=config.projection_prng_key * 1_000_003 + i, owner=i == 0
+            )
+
+
+INTRINSIC = register(
+    IntrinsicMethod(
+        IntrinsicConfig,
+        IntrinsicLayer,
+        default_targets={
+            "gpt2": ["c_attn", "c_proj", "c_fc"],
+            "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "bert": ["query", "key", "value", "dense"],
+        },
+    )
+)

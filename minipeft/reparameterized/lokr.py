@@ -1,0 +1,121 @@
+"""LoKr: low-rank Kronecker product (Yeh et al., 2024, "Navigating Text-To-Image Customization:
+From LyCORIS Fine-Tuning to Model Evaluation", arXiv:2309.14859), as in HF peft. Taught in chapter 07.
+
+The update is a Kronecker product of a small and a larger factor:
+
+    Delta W = s * W1 ⊗ W2,   W1: (a, c),  W2: (b, d),  d_out = a b,  d_in = c d,  s = alpha / r
+
+Each of d_in and d_out is split into two factors (the pair closest to its square root, or
+`decompose_factor` and the rest). W2 is itself a rank-r product W2a W2b when r is below half its
+size, and so is W1 when `decompose_both`. A Kronecker product's rank is the product of its
+factors' ranks, so a few hundred parameters give a full-rank update.
+
+The update is never built in the forward pass: with x viewed as a (c, d) matrix X,
+(W1 ⊗ W2) x = vec(W1 X W2^T), two small matrix products. W1 starts at zero (identity at init).
+Parameter names are HF peft's (`lokr_w1`, `lokr_w2_a`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.config import Method, PeftConfig, register
+from ..core.layers import TunerLayer
+from .lora import LORA
+
+
+@dataclass
+class LoKrConfig(PeftConfig):
+    peft_type = "LOKR"
+    # Rank of the low-rank factor(s); unused for a factor whose full size is below 2r. peft's default.
+    r: int = 8
+    # Numerator of the scaling s = alpha / r.
+    alpha: float = 8
+    # Also write the small factor W1 as a rank-r product (only saves parameters for large layers).
+    decompose_both: bool = False
+    # -1: split each dimension into the factor pair closest to its square root; k > 0: into (k, dim / k).
+    decompose_factor: int = -1
+    # True: W1 = 0, so the model starts at the base model. False: all factors random (tests).
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise ValueError(f"LoKrConfig.r must be a positive integer (e.g. 8), got {self.r}")
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(
+                f"LoKrConfig.decompose_factor must be -1 or a positive divisor, got {self.decompose_factor}"
+            )
+
+
+def factorize(dim: int, factor: int, what: str) -> tuple[int, int]:
+    """Split dim = m * n with m <= n closest to sqrt(dim) (factor -1), or m = factor."""
+    if factor > 0:
+        if dim % factor:
+            divisors = [k for k in range(2, dim) if dim % k == 0][:8]
+            raise ValueError(
+                f"LoKr decompose_factor={factor} does not divide {what}={dim} of this layer, so W1 ⊗ W2 cannot "
+                f"have its shape. Use a divisor of {dim} (e.g. {divisors}) or -1 (closest to sqrt)"
+            )
+        return factor, dim // factor
+    m = max(k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0)
+    return m, dim // m
+
+
+class LoKrLayer(TunerLayer):
+    """One base linear with named LoKr adapters; each factor is full (`lokr_w1`) or low-rank (`_a`, `_b`)."""
+
+    adapter_layer_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        for attr in self.adapter_layer_names:
+            setattr(self, attr, nn.ParameterDict())
+        self.scaling: dict[str, float] = {}
+        self.factors: dict[str, tuple[int, int, int, int]] = {}  # (a, b, c, d) per adapter
+
+    def adapter_names(self) -> list[str]:
+        return [*self.lokr_w1.keys(), *self.lokr_w1_a.keys()]
+
+    def add_adapter(self, name: str, config: LoKrConfig) -> None:
+        a, b = factorize(self.out_features, config.decompose_factor, "d_out")
+        c, d = factorize(self.in_features, config.decompose_factor, "d_in")
+        r, weight = config.r, self.weight
+        self.factors[name], self.scaling[name] = (a, b, c, d), config.alpha / r
+
+        def new(attr: str, shape: tuple[int, int]) -> None:
+            getattr(self, attr)[name] = nn.Parameter(torch.empty(shape, device=weight.device, dtype=weight.dtype))
+            nn.init.kaiming_uniform_(getattr(self, attr)[name], a=math.sqrt(5))
+
+        for i, (rows, cols, low_rank) in enumerate([(a, c, config.decompose_both), (b, d, True)], start=1):
+            if low_rank and r < max(rows, cols) / 2:  # a rank-r product is smaller than the full factor
+                new(f"lokr_w{i}_a", (rows, r))
+                new(f"lokr_w{i}_b", (r, cols))
+            else:
+                new(f"lokr_w{i}", (rows, cols))
+        if config.init_weights:  # W1 = 0 (or its first factor): Delta W = 0
+            nn.init.zeros_(self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name])
+
+    def factor(self, i: int, name: str) -> torch.Tensor:
+        """W1 (a, c) or W2 (b, d), from its low-rank product when it has one."""
+        if name in getattr(self, f"lokr_w{i}"):
+            return getattr(self, f"lokr_w{i}")[name]
+        return getattr(self, f"lokr_w{i}_a")[name] @ getattr(self, f"lokr_w{i}_b")[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return torch.kron(self.factor(1, name), self.factor(2, name)) * self.scaling[name]  # (a b, c d)
+
+    def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        a, b, c, d = self.factors[name]
+        w1, w2 = self.factor(1, name), self.factor(2, name)  # (a, c), (b, d)
+        grid = x.to(w1.dtype).reshape(*x.shape[:-1], c, d)  # (..., c, d)
+        # W1 X W2^T; einsum's contraction order, unlike chained @, does not depend on requires_grad.
+        update = torch.einsum("ac,...cd,bd->...ab", w1, grid, w2).reshape(*x.shape[:-1], a * b)  # (..., d_out)
+        return result + (update * self.scaling[name]).to(result.dtype)
+
+
+LOKR = register(Method(LoKrConfig, LoKrLayer, default_targets=LORA.default_targets))

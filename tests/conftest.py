@@ -1,0 +1,6 @@
+"""Runs before any test module is imported: Triton's CPU interpreter must be on before
+minipeft's kernels are defined (DESIGN.md section 8), whatever module imports them first."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
