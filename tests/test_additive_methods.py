@@ -212,3 +212,39 @@ def test_two_prompt_adapters_switch_and_delete():
     model.set_adapter("default")
     model.delete_adapter("long")
     assert list(model.get_input_embeddings().prompt_encoder) == ["default"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mp.AdapterConfig(placement="houlsby", bottleneck_size=4, init_weights=False),
+        lambda: mp.ParallelAdapterConfig(bottleneck_size=4, init_weights=False),
+        lambda: mp.IA3Config(init_ia3_weights=False),
+    ],
+)
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_mixed_batch_equals_each_row_alone(make, kind):
+    torch.manual_seed(0)
+    model = mp.get_peft_model(MODELS[kind](), make(), adapter_name="a")
+    model.add_adapter("b", make())
+    model.eval()
+    rows = ["b", "__base__", "a"]
+    ids = torch.randint(3, 200, (3, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=rows)
+        mixed = mixed.logits if hasattr(mixed, "logits") else mixed.last_hidden_state
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = outputs(model, ids[i : i + 1])
+            else:
+                model.set_adapter(name)
+                alone = outputs(model, ids[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[2], atol=1e-4), "the two adapters must differ"
+
+
+def test_mixed_batch_of_prompts_is_refused():
+    model = mp.get_peft_model(MODELS["gpt2"](), mp.PromptTuningConfig(num_virtual_tokens=3)).eval()
+    with pytest.raises(ValueError, match="cannot mix them"):
+        model(input_ids=IDS[:2], adapter_names=["default", "__base__"])

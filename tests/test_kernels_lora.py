@@ -13,6 +13,7 @@ from minipeft import kernels
 from minipeft.kernels import lora_triton, reference
 from minipeft.kernels.lora_triton import fused_lora_linear
 from minipeft.models import tiny_gpt2, tiny_llama
+from minipeft.reparameterized.lora import LoraLayer
 from tests.cases import outputs
 
 # (leading shape of x, d_in, d_out, r, dtype, bias, weight stored transposed like Conv1D, blocks or None = default)
@@ -115,3 +116,22 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
     assert kernels.use_triton("auto", torch.zeros(1)) is False
     with pytest.raises(RuntimeError, match=r"needs the triton package.*kernel='torch'"):
         kernels.use_triton("triton", torch.zeros(1))
+
+
+def test_which_adapters_the_kernel_computes():
+    layer = LoraLayer(torch.nn.Linear(12, 10))  # a bare layer: its base still trains
+    layer.add_adapter("plain", mp.LoraConfig(r=2, kernel="auto"))
+    layer.add_adapter("dora", mp.LoraConfig(r=2, use_dora=True))
+    layer.add_adapter("drop", mp.LoraConfig(r=2, lora_dropout=0.1))
+    layer.active_adapters = ["plain"]
+    x = torch.zeros(3, 12)
+    assert not kernels._fusable(layer, "plain", x)  # "auto" leaves a trainable base to torch ...
+    layer.kernel["plain"] = "triton"
+    assert kernels._fusable(layer, "plain", x)  # ... "triton" hands it to the kernel, which refuses it clearly
+    with pytest.raises(ValueError, match="keeps the base weight and bias frozen"):
+        layer(x)
+    layer.base_layer.requires_grad_(False)
+    assert kernels._fusable(layer, "plain", x.double()) and not kernels._fusable(layer, "dora", x)
+    layer.kernel["plain"] = "auto"
+    assert not kernels._fusable(layer, "plain", x.double())  # mixed dtypes: torch under "auto"
+    assert not kernels._fusable(layer.train(), "drop", x) and kernels._fusable(layer.eval(), "drop", x)

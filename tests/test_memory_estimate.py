@@ -87,7 +87,7 @@ def test_estimate_matches_measured_tensors_on_tiny_models(case):
 def testbed_batch():
     data = load_task()
     tokenizer = load_classifier(len(data.label_names))[1]
-    ids, mask, labels = tokenize(data.train_texts[:16], data.train_labels[:16], tokenizer, max_length=96).tensors
+    ids, mask, labels = tokenize(data.train_texts[:16], data.train_labels[:16], tokenizer, max_length=64).tensors
     n = int(mask.sum(1).max())
     return len(data.label_names), ids[:, :n], mask[:, :n], labels
 

@@ -23,7 +23,9 @@ IDS = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
 
 def test_every_method_has_a_case():
     # A key "METHOD/variant" (e.g. "LORA/dora") runs the suite on a variant of a registered method.
-    assert sorted(REGISTRY) == [m for m in METHODS if "/" not in m], "register a Case in tests/cases.py for every method"
+    assert sorted(REGISTRY) == [m for m in METHODS if "/" not in m], (
+        "register a Case in tests/cases.py for every method"
+    )
     assert all(m.split("/")[0] in REGISTRY for m in METHODS), "a variant's key must start with a registered method"
 
 

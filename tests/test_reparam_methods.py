@@ -12,7 +12,7 @@ from torch import nn
 
 import minipeft as mp
 from minipeft.models import tiny_gpt2, tiny_llama
-from minipeft.reparameterized import adalora, intrinsic
+from minipeft.reparameterized import intrinsic
 from minipeft.reparameterized.lora import LoraLayer
 from tests.cases import outputs
 
@@ -104,8 +104,8 @@ def test_adalora_training_ends_at_the_target_budget():
         opt.step()
         allocator.update_and_allocate(step)
         if step == 3:
-            assert sum(adalora.ranks(model).values()) == 6 * 14  # warm-up: nothing pruned yet
-    ranks = adalora.ranks(model)
+            assert sum(allocator.ranks().values()) == 6 * 14  # warm-up: nothing pruned yet
+    ranks = allocator.ranks()
     assert sum(ranks.values()) == 2 * 14 and len(set(ranks.values())) > 1, ranks  # budget moved between layers
 
 
@@ -196,3 +196,35 @@ def test_intrinsic_subspace_is_shared_and_saved_as_one_vector(tmp_path):
     saved = mp.core.io.load_adapter_files(tmp_path)[1]
     assert list(saved) == ["base_model.model.transformer.h.0.attn.c_attn.intrinsic_theta"]
     assert saved["base_model.model.transformer.h.0.attn.c_attn.intrinsic_theta"].shape == (10,)
+
+
+def test_training_loop_hooks_drive_adalora():
+    """train_classifier adds `extra_loss()` to the loss and calls `after_step(step)` after each optimizer step."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from minipeft.data import TextClassificationData
+    from minipeft.models import testbed_tokenizer
+    from minipeft.train import TrainConfig, train_classifier
+
+    tokenizer = testbed_tokenizer()
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64, pad_token_id=0)
+    torch.manual_seed(0)
+    base = GPT2ForSequenceClassification(config)
+    model = mp.get_peft_model(base, mp.AdaLoraConfig(init_r=4, target_r=1, total_step=6, target_modules=["c_attn"]))
+    allocator = mp.RankAllocator(model)
+    texts = ["def f(x): return x", "import os", "class A: pass", "print(1)"] * 2
+    data = TextClassificationData(texts, [0, 1, 0, 1] * 2, texts[:4], [0, 1, 0, 1], ["a", "b"])
+    steps, extra_calls = [], []
+
+    def extra_loss():
+        extra_calls.append(1)
+        return allocator.regularizer()
+
+    def after_step(step):
+        steps.append(step)
+        return allocator.update_and_allocate(step)
+
+    cfg = TrainConfig(steps=6, batch_size=4, eval_every=6, progress=False, device="cpu")
+    train_classifier(model, data, tokenizer, cfg, extra_loss=extra_loss, after_step=after_step)
+    assert steps == [1, 2, 3, 4, 5, 6] and len(extra_calls) == 6
+    assert list(allocator.ranks().values()) == [1]  # one adapted matrix, pruned from rank 4 to the target 1

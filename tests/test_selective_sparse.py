@@ -220,3 +220,15 @@ def test_loaded_sparse_adapter_keeps_training_its_mask_only(tmp_path):
     train(loaded)
     assert all(torch.equal(positions[n], i) for n, i in selected(loaded).items())
     assert not any(innermost(m).weight.requires_grad for m in delta_layers(loaded.base_model.model, "default").values())
+
+
+def test_parameter_groups_give_the_gates_their_own_learning_rate():
+    model = mp.get_peft_model(
+        MODELS["gpt2"](), mp.DiffPruningConfig(target_modules=TARGETS, modules_to_save=["lm_head"])
+    )
+    rest, gates = diff_pruning.parameter_groups(model, lr=1e-3, gate_lr=0.1)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in rest["params"] + gates["params"]} == trainable
+    assert len(rest["params"]) + len(gates["params"]) == len(trainable)
+    assert sum(p.numel() for p in gates["params"]) == 2 * (64 * 192 + 64 * 256)  # one log_alpha per entry
+    assert (rest["lr"], gates["lr"]) == (1e-3, 0.1)

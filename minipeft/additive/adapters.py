@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.config import Method, PeftConfig, register
-from ..core.layers import TunerLayer, linear_shape
+from ..core.layers import TunerLayer, linear_shape, rows_of
 from ..core.targets import is_linear
 
 # Where each placement puts adapters, per architecture (regexes over full module names).
@@ -152,8 +152,18 @@ class ParallelAdapterLayer(TunerLayer):
         self.scaling[name] = config.scaling
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        active = [n for n in self.active_adapters if n in self.adapter] if not self.disabled else []
-        return sum((self.scaling[n] * self.adapter[n](x).to(x.dtype) for n in active), torch.zeros_like(x))
+        """s f(x) of the active adapters; in a mixed batch, each row's own adapter (none for the base)."""
+        out = torch.zeros_like(x)  # (B, T, d)
+        if self.disabled:
+            return out
+        if self.row_adapters is not None:
+            for name, rows in rows_of(self.row_adapters, x).items():
+                if name in self.adapter:
+                    out[rows] = self.scaling[name] * self.adapter[name](x[rows]).to(x.dtype)
+            return out
+        for name in (n for n in self.active_adapters if n in self.adapter):
+            out = out + self.scaling[name] * self.adapter[name](x).to(x.dtype)
+        return out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args:  # BERT: (intermediate h, FFN input x)

@@ -8,7 +8,8 @@ Three learned vectors rescale activations elementwise in every block:
     h <- l_ff * act(W_1 x)          (the FFN's intermediate activation: the input of W_2)
 
 All vectors start at 1, so the adapted model starts exactly at the base model. The cost is
-d_k + d_v + d_ff numbers per block - the fewest of any method in this book. A rescaling
+d_k + d_v + d_ff numbers per block, one per feature: fewer than LoRA or adapters at their usual
+sizes. A rescaling
 of a linear layer's output or input is a rescaling of its weight, so (IA)^3 merges:
 W <- diag(l) W (and b <- l * b) for outputs, W <- W diag(l) for inputs. GPT-2 fuses q, k
 and v into one `c_attn`; as in HF peft, its vector rescales all three (3d numbers).

@@ -74,6 +74,11 @@ class PromptLayer(TunerLayer):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         virtual = input_ids >= self.vocab_size  # (B, T)
+        if self.row_adapters is not None and (virtual.any() or set(self.row_adapters) & set(self.prompt_encoder)):
+            raise ValueError(
+                "prompt adapters change the input length, so one batch cannot mix them (adapter_names=...); "
+                "run each prompt adapter on its own batch"
+            )
         embeds = self.base_layer(input_ids.masked_fill(virtual, 0))  # (B, T, d)
         if not virtual.any():
             return embeds

@@ -245,9 +245,7 @@ class PeftModel(nn.Module):
         return peft_model
 
 
-def get_peft_model(
-    model: nn.Module, config: PeftConfig, adapter_name: str = "default", quantization=None
-) -> PeftModel:
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default", quantization=None) -> PeftModel:
     """Wrap `model` with the method `config` describes; the only entry point.
 
     `quantization` (e.g. `mp.NF4Config()`) first stores the targeted base linears in 4 bits

@@ -53,22 +53,27 @@ def use_triton(kernel: str, x: torch.Tensor) -> bool:
     return True
 
 
-def _plain_lora(layer, name: str) -> bool:
-    """The kernels compute plain LoRA on a plain linear: no DoRA, no dropout while training, a frozen base."""
-    base_trains = torch.is_grad_enabled() and any(p.requires_grad for p in layer.base_layer.parameters())
+def _fusable(layer, name: str, x: torch.Tensor) -> bool:
+    """Whether the kernels should compute this adapter. Never for what they do not compute (DoRA, dropout
+    while training, a wrapped base); under "auto" also not for a trainable base or mixed dtypes, which
+    the kernels refuse with a clear error when asked for explicitly with "triton"."""
     dropout = layer.training and not isinstance(layer.lora_dropout[name], nn.Identity)
-    plain_base = isinstance(layer.base_layer, (nn.Linear, Conv1D))
-    return plain_base and name not in layer.lora_magnitude_vector and not dropout and not base_trains
+    if name in layer.lora_magnitude_vector or dropout or not isinstance(layer.base_layer, (nn.Linear, Conv1D)):
+        return False
+    if layer.kernel[name] == "triton":
+        return True
+    base_trains = torch.is_grad_enabled() and any(p.requires_grad for p in layer.base_layer.parameters())
+    return not base_trains and x.dtype == layer.weight.dtype == layer.lora_A[name].weight.dtype
 
 
 def lora_forward(layer, x: torch.Tensor, extra: bool) -> torch.Tensor | None:
     """`LoraLayer.forward` through the fused kernel, or None where the layer takes the torch path:
     disabled, mixed batch, extra forward arguments, not exactly one active unmerged adapter,
-    "auto" off CUDA, or an adapter the kernel does not compute (see `_plain_lora`)."""
+    "auto" off CUDA, or an adapter the kernel should not compute (see `_fusable`)."""
     if extra or layer.disabled or layer.row_adapters is not None:
         return None
     names = [n for n in layer.active_adapters if n in layer.lora_A and n not in layer.merged_adapters]
-    if len(names) != 1 or not _plain_lora(layer, names[0]) or not use_triton(layer.kernel[names[0]], x):
+    if len(names) != 1 or not _fusable(layer, names[0], x) or not use_triton(layer.kernel[names[0]], x):
         return None
     from .lora_triton import fused_lora_linear
 
@@ -81,7 +86,7 @@ def lora_forward(layer, x: torch.Tensor, extra: bool) -> torch.Tensor | None:
 def lora_rows(layer, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor | None:
     """A mixed batch through the gathered kernel (row i uses adapter names[i]), or None for the torch path."""
     adapters = [n for n in dict.fromkeys(names) if n in layer.lora_A]
-    if not adapters or not all(_plain_lora(layer, n) for n in adapters):
+    if not adapters or not all(_fusable(layer, n, x) for n in adapters):
         return None
     if not all(use_triton(layer.kernel[n], x) for n in adapters):
         return None

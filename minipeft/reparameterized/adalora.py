@@ -17,7 +17,8 @@ training loop after every optimizer step):
    schedule between `tinit` and `total_step - tfinal`;
 3. every `deltaT` steps the lambdas of all but the top-budget triplets are set to zero.
 
-The rank each layer ends with is `ranks(model)`. Names follow HF peft (`lora_A`, `lora_E`, `lora_B`).
+The rank each layer ends with is `RankAllocator.ranks()`, its number of non-zero lambdas.
+Names follow HF peft (`lora_A`, `lora_E`, `lora_B`).
 """
 
 from __future__ import annotations
@@ -113,17 +114,12 @@ def adalora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str,
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_E}
 
 
-def ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
-    """The rank each layer has now: its number of non-zero singular values lambda."""
-    return {n: int((m.lora_E[adapter_name] != 0).sum()) for n, m in adalora_layers(model, adapter_name).items()}
-
-
 class RankAllocator:
     """The training-loop side of AdaLoRA: `regularizer()` joins the loss, `update_and_allocate(step)`
     runs after each optimizer step (while the gradients are still there)."""
 
     def __init__(self, model: nn.Module, adapter_name: str = "default") -> None:
-        self.config: AdaLoraConfig = model.peft_config[adapter_name]
+        self.model, self.config = model, model.peft_config[adapter_name]
         self.layers = list(adalora_layers(model, adapter_name).values())
         self.name = adapter_name
         self.initial_budget = self.config.init_r * len(self.layers)  # b(0)
@@ -131,6 +127,10 @@ class RankAllocator:
         self.smoothed: dict[nn.Parameter, torch.Tensor] = {}  # I-bar, EMA of the sensitivity
         self.uncertainty: dict[nn.Parameter, torch.Tensor] = {}  # U-bar
         self.final_mask: list[torch.Tensor] | None = None  # frozen pattern for the last tfinal steps
+
+    def ranks(self) -> dict[str, int]:
+        """The rank each adapted matrix has now (after training: its final rank)."""
+        return {n: int((m.lora_E[self.name] != 0).sum()) for n, m in adalora_layers(self.model, self.name).items()}
 
     def regularizer(self) -> torch.Tensor:
         """orth_reg_weight * mean over matrices of ||P^T P - I||^2_F + ||Q Q^T - I||^2_F."""

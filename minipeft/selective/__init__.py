@@ -2,7 +2,7 @@
 
 from .bitfit import BitFitConfig
 from .deltas import DeltaLayer, DenseDelta, SparseDelta
-from .diff_pruning import DiffPruningConfig, expected_density, project_to_budget
+from .diff_pruning import DiffPruningConfig, expected_density, parameter_groups, project_to_budget
 from .fishmask import FishMaskConfig, fisher_scores, select_by_fisher
 from .ln_tuning import LNTuningConfig
 from .partial import PartialConfig
@@ -18,6 +18,7 @@ __all__ = [
     "SparseDelta",
     "expected_density",
     "fisher_scores",
+    "parameter_groups",
     "project_to_budget",
     "select_by_fisher",
 ]

@@ -43,9 +43,9 @@ L0_SHIFT = BETA * math.log(-GAMMA / ZETA)
 @dataclass
 class DiffPruningConfig(SparseConfig):
     peft_type = "DIFF_PRUNING"
-    # Weight of the L0 penalty on the expected *fraction* of open gates (the paper's sum divided by N,
-    # so that one value works at any model size).
-    l0_lambda: float = 1.0
+    # Weight of the L0 penalty on the expected *fraction* of open gates (the paper's sum divided by N, so
+    # one value works at any size): 40 is the paper's 1.25e-7 per entry times BERT-large's ~335M entries.
+    l0_lambda: float = 40.0
     # Initial log_alpha of every gate: 3 opens them (P(z != 0) = 0.99), so the search starts dense.
     init_log_alpha: float = 3.0
 
@@ -102,6 +102,18 @@ def expected_density(model: nn.Module, adapter_name: str | None = None) -> float
     entries = _search_entries(model.base_model.model, adapter_name or model.active_adapter)
     open_gates = sum(torch.sigmoid(e.log_alpha - L0_SHIFT).sum().item() for e in entries.values())
     return open_gates / sum(e.log_alpha.numel() for e in entries.values())
+
+
+def parameter_groups(model: nn.Module, lr: float, gate_lr: float) -> list[dict]:
+    """Optimizer groups for the search: the gates' log_alpha at `gate_lr`, everything else that trains at `lr`.
+    The gates need the larger rate: with Adam each moves about one learning rate per step, and a few hundred
+    steps at a diff's learning rate would leave them where they started."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gates = [p for n, p in trainable if n.endswith(".log_alpha")]
+    return [
+        {"params": [p for n, p in trainable if not n.endswith(".log_alpha")], "lr": lr},
+        {"params": gates, "lr": gate_lr},
+    ]
 
 
 @torch.no_grad()
