@@ -235,6 +235,8 @@ def estimate_memory(config: PretrainedConfig | dict, peft_config=None, setup: Tr
 
     if setup is None:
         raise TypeError("estimate_memory needs a TrainingSetup(batch_size=..., seq_len=...)")
+    if setup.quantization is not None and peft_config is None:
+        raise ValueError("a 4-bit base cannot be fine-tuned in full: quantization needs a PEFT config (QLoRA)")
     config = _as_config(config)
     inner = build_meta_model(config, setup)
     quantized = setup.quantization.targets(inner, peft_config) if setup.quantization and peft_config else []

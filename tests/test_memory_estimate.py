@@ -192,3 +192,5 @@ def test_bad_input():
         TrainingSetup(1, 8, dtype="fp8")
     with pytest.raises(ValueError, match="batch_size and seq_len must be >= 1"):
         TrainingSetup(0, 8)
+    with pytest.raises(ValueError, match="quantization needs a PEFT config"):
+        estimate_memory(GPT3, None, TrainingSetup(1, 8, quantization=mp.NF4Config()))

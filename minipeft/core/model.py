@@ -70,9 +70,11 @@ class PeftModel(nn.Module):
         """Let the active adapter's method rewrite the inputs (prompt methods add virtual tokens)."""
         return REGISTRY[self.peft_config[self.active_adapter].peft_type].prepare_inputs(self, kwargs, generating)
 
-    def generate(self, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """The base model's `generate` with the active adapter. Leading columns a method added to
         `input_ids` (virtual tokens) are dropped from the result, which starts with the caller's ids."""
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
         n_in = kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None else None
         kwargs = self._prepare_inputs(kwargs, generating=True)
         out = self.base_model.model.generate(**kwargs)
