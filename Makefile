@@ -11,12 +11,12 @@ export MINIPEFT_SCALE ?= tiny
 
 .PHONY: setup book test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: an open range would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[book,dev,triton,full]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[book,dev,triton,full]"
 	touch $(STAMP)
 
 setup: $(STAMP)
