@@ -75,14 +75,9 @@ def perturb(model) -> None:
 
 
 @pytest.mark.parametrize("name,kind,ours_cls,theirs_cls,settings", SETTINGS, ids=IDS_OF)
-def test_same_trainable_count(name, kind, ours_cls, theirs_cls, settings):
+def test_same_count_and_outputs_with_same_weights(name, kind, ours_cls, theirs_cls, settings):
     ours, theirs = both(name, kind, ours_cls, theirs_cls, settings)
     assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
-
-
-@pytest.mark.parametrize("name,kind,ours_cls,theirs_cls,settings", SETTINGS, ids=IDS_OF)
-def test_same_outputs_with_same_weights(name, kind, ours_cls, theirs_cls, settings):
-    ours, theirs = both(name, kind, ours_cls, theirs_cls, settings)
     # At init: PiSSA rewrites both bases to the same residual; the others start at the base model.
     torch.testing.assert_close(outputs(ours, IDS), outputs(theirs, IDS), rtol=0, atol=1e-5)
     perturb(ours)

@@ -84,3 +84,9 @@ def test_sparse_adapter_into_another_architecture(tmp_path):
     mp.get_peft_model(tiny_gpt2(), mp.FishMaskConfig(target_modules=["c_attn"])).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="matches no module"):
         mp.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_fisher_selection_without_data_or_scores():
+    model = mp.get_peft_model(tiny_gpt2(), mp.FishMaskConfig(target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="needs batches of task data, or the scores"):
+        mp.select_by_fisher(model)

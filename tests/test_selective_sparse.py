@@ -232,3 +232,26 @@ def test_parameter_groups_give_the_gates_their_own_learning_rate():
     assert len(rest["params"]) + len(gates["params"]) == len(trainable)
     assert sum(p.numel() for p in gates["params"]) == 2 * (64 * 192 + 64 * 256)  # one log_alpha per entry
     assert (rest["lr"], gates["lr"]) == (1e-3, 0.1)
+
+
+def test_reused_fisher_scores_give_the_same_mask():
+    model = fishmask(0.02)
+    scores = mp.selective.fisher_scores(model, BATCHES)
+    again = mp.get_peft_model(MODELS["gpt2"](), mp.FishMaskConfig(sparsity=0.02, target_modules=TARGETS))
+    mp.select_by_fisher(again, scores=scores)
+    assert all(torch.equal(selected(model)[n], selected(again)[n]) for n in selected(model))
+
+
+def test_merging_during_training_uses_the_deterministic_gates():
+    config = mp.DiffPruningConfig(target_modules=["c_attn"], init_weights=False, init_log_alpha=0.0)
+    model = mp.get_peft_model(MODELS["gpt2"](), config)
+    model.train()  # gates are sampled in forward, but a merge must add the evaluation diff
+    layers = delta_layers(model.base_model.model, "default")
+    before = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+    gate = (torch.sigmoid(torch.tensor(0.0)) * 1.2 - 0.1).clamp(0, 1)  # the deterministic gate at log_alpha = 0
+    expected = {n: before[n] + gate * layer.selective_delta["default"]["weight"].w for n, layer in layers.items()}
+    model.merge_adapter()
+    for n, layer in layers.items():
+        torch.testing.assert_close(layer.weight, expected[n], rtol=0, atol=1e-6)
+    model.unmerge_adapter()
+    assert all(torch.equal(layer.weight, before[n]) for n, layer in layers.items())

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.layers import TunerLayer
+from ..core.layers import TunerLayer, innermost
 
 
 def base_weight(layer: TunerLayer) -> torch.Tensor:
@@ -60,7 +60,7 @@ def apply(layer: TunerLayer, x: torch.Tensor, result: torch.Tensor, name: str) -
     dropout = layer.lora_dropout[name]
     x = x.to(w0.dtype)
     if isinstance(dropout, nn.Identity) or not layer.training:
-        bias = layer.base_layer.bias
+        bias = innermost(layer).bias
         base = result if bias is None else result - bias  # (..., d_out): W0 x
     else:  # dropout acts on the adapter's input: the rescaled base term must see the same input
         x = dropout(x)

@@ -79,9 +79,15 @@ class DeltaLayer(TunerLayer):
         self.selective_delta[name] = nn.ModuleDict(entries)
 
     def delta(self, name: str, param_name: str) -> torch.Tensor | None:
-        """The dense delta of one base parameter, in that parameter's own layout."""
+        """The dense delta of one base parameter, in that parameter's own layout, as evaluation computes it
+        (deterministic, so that what a merge adds is what an unmerge or a projection sees)."""
         entries = self.selective_delta[name]
-        return entries[param_name]() if param_name in entries else None
+        if param_name not in entries:
+            return None
+        entry, mode = entries[param_name], entries[param_name].training
+        delta = entry.eval()()
+        entry.train(mode)
+        return delta
 
     def delta_weight(self, name: str) -> torch.Tensor | None:
         delta = self.delta(name, "weight")

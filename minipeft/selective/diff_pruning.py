@@ -87,21 +87,24 @@ class HardConcreteDelta(nn.Module):
         return self.gate() * self.w  # same shape as the base weight
 
 
-def _search_entries(model: nn.Module, adapter_name: str) -> dict[str, HardConcreteDelta]:
-    entries = {
-        n: layer.selective_delta[adapter_name]["weight"] for n, layer in delta_layers(model, adapter_name).items()
-    }
-    if not all(isinstance(e, HardConcreteDelta) for e in entries.values()):
+def _search_layers(model: nn.Module, adapter_name: str) -> dict[str, DeltaLayer]:
+    layers = delta_layers(model, adapter_name)
+    if not all(
+        isinstance(layer.selective_delta[adapter_name]["weight"], HardConcreteDelta) for layer in layers.values()
+    ):
         raise ValueError(f"adapter {adapter_name!r} is not in its search phase (already projected to its budget?)")
-    return entries
+    return layers
 
 
 @torch.no_grad()
 def expected_density(model: nn.Module, adapter_name: str | None = None) -> float:
     """The expected fraction of non-zero gates, E[L0] / N, during the search phase."""
-    entries = _search_entries(model.base_model.model, adapter_name or model.active_adapter)
-    open_gates = sum(torch.sigmoid(e.log_alpha - L0_SHIFT).sum().item() for e in entries.values())
-    return open_gates / sum(e.log_alpha.numel() for e in entries.values())
+    name = adapter_name or model.active_adapter
+    gates = [
+        layer.selective_delta[name]["weight"].log_alpha
+        for layer in _search_layers(model.base_model.model, name).values()
+    ]
+    return sum(torch.sigmoid(g - L0_SHIFT).sum().item() for g in gates) / sum(g.numel() for g in gates)
 
 
 def parameter_groups(model: nn.Module, lr: float, gate_lr: float) -> list[dict]:
@@ -121,13 +124,7 @@ def project_to_budget(model: nn.Module, adapter_name: str | None = None) -> None
     """End the search: keep the k largest |z * w| (deterministic gates) over all targeted weights, as
     positions + values. Build the optimizer after this call: the parameters are new."""
     name = adapter_name or model.active_adapter
-    entries = _search_entries(model.base_model.model, name)
-    diffs = {}
-    for n, entry in entries.items():
-        was_training = entry.training
-        entry.eval()
-        diffs[n] = entry()  # (weight shape): the deterministic diff
-        entry.train(was_training)
+    diffs = {n: layer.delta(name, "weight") for n, layer in _search_layers(model.base_model.model, name).items()}
     keep_top_k(model, name, {n: d.abs() for n, d in diffs.items()}, values=diffs)
 
 

@@ -66,14 +66,21 @@ def fisher_scores(
 
 
 def select_by_fisher(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]] | None = None,
+    adapter_name: str | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Replace the adapter's mask by the global top-k of the empirical Fisher; values restart at zero.
-    Returns the Fisher scores (for plots). Build the optimizer after this call: the parameters are new."""
+    `scores` reuses Fisher scores computed before (for another budget, say) instead of `batches`.
+    Returns the scores (for plots). Build the optimizer after this call: the parameters are new."""
     name = adapter_name or model.active_adapter
     if not isinstance(model.peft_config.get(name), FishMaskConfig):
         raise ValueError(f"adapter {name!r} is not a FishMask adapter: {type(model.peft_config.get(name)).__name__}")
-    scores = fisher_scores(model, batches, name)
+    if scores is None:
+        if batches is None:
+            raise ValueError("select_by_fisher needs batches of task data, or the scores of an earlier call")
+        scores = fisher_scores(model, batches, name)
     keep_top_k(model, name, scores)
     return scores
 
