@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -20,5 +21,14 @@ def test_book_builds_without_warnings(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     html = tmp_path / "_build" / "html"
-    assert (html / "chapters" / "02_lora_from_scratch.html").is_file()
+    chapters = re.findall(r"file: (chapters/\S+)", (ROOT / "_toc.yml").read_text())
+    assert len(chapters) == len(list((ROOT / "chapters").glob("*.ipynb"))), "a chapter is missing from _toc.yml"
+    for chapter in chapters:
+        page = (html / f"{chapter}.html").read_text()
+        source = (ROOT / f"{chapter}.ipynb").read_text()
+        assert "Traceback" not in page, chapter
+        if "plt." in source:  # executed: its plots are in the page
+            assert "<img" in page, f"{chapter}: no plot in the built page"
+        if "ipywidgets" in source:  # and its widgets' state, so they render without a kernel
+            assert "application/vnd.jupyter.widget-view+json" in page, f"{chapter}: no widget in the built page"
     shutil.rmtree(tmp_path / "_build" / ".jupyter_cache", ignore_errors=True)

@@ -12,10 +12,11 @@ Fastfood transform (Le et al., 2013), as in both papers: per block of n = 2^ceil
     P_block = H G Pi H B / (sqrt(n) ||g||),   H: n x n Walsh-Hadamard,  B: random signs,
                                                Pi: a random permutation,  G = diag(g), g ~ N(0, 1)
 
-which costs O(D) memory (16 bytes per weight, four times fp32 weights) and O(D log n) time instead
-of O(D d), and has unit-norm rows. (Fastfood's extra diagonal S, which only gives rows Gaussian-like
-norms, is left out.) The random parts come from a seeded generator, one block range per layer,
-so they are regenerated, never saved: the adapter file holds theta_d only.
+which costs O(D) memory (16 bytes per weight, four times fp32 weights) and, with H applied as two
+small matmuls, O(D sqrt(n)) time instead of O(D d), and has unit-norm rows. (Fastfood's extra
+diagonal S, which only gives rows Gaussian-like norms, is left out.) The random parts come from a
+seeded generator, one block range per layer, so they are regenerated, never saved: the adapter file
+holds theta_d only.
 
 theta_d is one vector shared by every adapted layer; the first layer owns the parameter (its
 peft-style key is `<first layer>.intrinsic_theta`), the others read it. Each layer computes its
@@ -55,15 +56,21 @@ class IntrinsicConfig(PeftConfig):
             raise ValueError(f"IntrinsicConfig.intrinsic_dim must be a positive integer, got {self.intrinsic_dim}")
 
 
-def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised fast Walsh-Hadamard transform along the last axis (a power of 2): (..., n)."""
-    n, h = x.shape[-1], 1
-    lead = x.shape[:-1]
-    while h < n:
-        pairs = x.reshape(*lead, n // (2 * h), 2, h)  # (..., blocks, 2, h)
-        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
-        h *= 2
-    return x.reshape(*lead, n)
+def sylvester(n: int) -> torch.Tensor:
+    """The n x n Walsh-Hadamard matrix (n a power of 2), built by H_2k = [[H_k, H_k], [H_k, -H_k]]."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h  # (n, n), entries +-1, symmetric
+
+
+def hadamard(x: torch.Tensor, h_rows: torch.Tensor, h_cols: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform along the last axis, n = a * b: since H_n = H_a (x) H_b
+    (Kronecker), H_n x is H_a X H_b for x laid out as an (a, b) matrix X: two small matmuls,
+    O(n (a + b)) instead of O(n^2), and much faster on CPU than the log2(n) butterfly passes."""
+    a, b = h_rows.shape[0], h_cols.shape[0]
+    grid = x.reshape(*x.shape[:-1], a, b)  # (..., a, b)
+    return (h_rows @ grid @ h_cols).reshape(x.shape)  # (..., n)
 
 
 class Fastfood(nn.Module):
@@ -79,13 +86,16 @@ class Fastfood(nn.Module):
         perm = torch.argsort(torch.rand(blocks, self.n, generator=gen), dim=1)  # Pi
         gauss = torch.randn(blocks, self.n, generator=gen)  # G
         gauss /= math.sqrt(self.n) * gauss.norm(dim=1, keepdim=True)  # unit-norm rows
-        for key, value in (("sign", sign), ("perm", perm), ("gauss", gauss)):
+        a = 1 << (self.n.bit_length() - 1) // 2  # n = a * b with a <= b, both powers of 2
+        h_rows, h_cols = sylvester(a), sylvester(self.n // a)  # (a, a), (b, b)
+        buffers = (("sign", sign), ("perm", perm), ("gauss", gauss), ("h_rows", h_rows), ("h_cols", h_cols))
+        for key, value in buffers:
             self.register_buffer(key, value, persistent=False)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         x = F.pad(theta, (0, self.n - self.d)) * self.sign  # (blocks, n): B theta
-        x = torch.gather(hadamard(x), 1, self.perm)  # (blocks, n): Pi H B theta
-        return hadamard(x * self.gauss).reshape(-1)[: self.size]  # (size,): H G Pi H B theta
+        x = torch.gather(hadamard(x, self.h_rows, self.h_cols), 1, self.perm)  # (blocks, n): Pi H B theta
+        return hadamard(x * self.gauss, self.h_rows, self.h_cols).reshape(-1)[: self.size]  # (size,): H G Pi H B theta
 
 
 class IntrinsicLayer(TunerLayer):
