@@ -5,14 +5,15 @@ Prints ratios (lower is better for the first; 1.0 means equal):
   2. unmerged LoRA forward / base forward                 (the price of not merging)
   3. merged LoRA forward / base forward                   (target within 3%)
 
-Timings interleave the contenders round by round and report medians, so that machine
-noise hits all of them alike. Usage: python benchmarks/bench_lora.py [--rounds 7]
+Timings interleave the contenders round by round, in a shuffled order, and report medians, so that machine
+noise hits all of them alike. Usage: python benchmarks/bench_lora.py [--rounds 21]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import time
 
@@ -31,7 +32,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--r", type=int, default=8)
@@ -60,16 +61,22 @@ def main() -> None:
         "peft": train_step(theirs, torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)),
     }
 
-    @torch.no_grad()
     def forward(model):
-        return lambda: model(input_ids=ids)
+        def run():
+            with torch.no_grad():  # inference: no graph, whichever parameters require grad
+                model(input_ids=ids)
+
+        return run
 
     forwards = {"base": forward(base), "unmerged": forward(ours), "merged": forward(merged)}
     times: dict[str, list[float]] = {k: [] for k in [*steps, *forwards]}
     for fn in [*steps.values(), *forwards.values()]:
         fn()  # warm-up
+    order = random.Random(0)
     for _ in range(args.rounds):
-        for name, fn in [*steps.items(), *forwards.items()]:
+        contenders = [*steps.items(), *forwards.items()]
+        order.shuffle(contenders)  # a new order each round: no contender always follows the same one
+        for name, fn in contenders:
             times[name].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
