@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.config import Method, PeftConfig, register
-from ..core.layers import TunerLayer, linear_shape, rows_of
+from ..core.layers import TunerLayer, linear_shape
 from ..core.targets import is_linear
 
 # Where each placement puts adapters, per architecture (regexes over full module names).
@@ -151,19 +151,12 @@ class ParallelAdapterLayer(TunerLayer):
         self.adapter[name] = Bottleneck(linear_shape(last)[1], config, last.weight)
         self.scaling[name] = config.scaling
 
+    def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        return result + self.scaling[name] * self.adapter[name](x).to(x.dtype)  # (B, T, d)
+
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """s f(x) of the active adapters; in a mixed batch, each row's own adapter (none for the base)."""
-        out = torch.zeros_like(x)  # (B, T, d)
-        if self.disabled:
-            return out
-        if self.row_adapters is not None:
-            for name, rows in rows_of(self.row_adapters, x).items():
-                if name in self.adapter:
-                    out[rows] = self.scaling[name] * self.adapter[name](x[rows]).to(x.dtype)
-            return out
-        for name in (n for n in self.active_adapters if n in self.adapter):
-            out = out + self.scaling[name] * self.adapter[name](x).to(x.dtype)
-        return out
+        return self.adapt(x, torch.zeros_like(x))  # (B, T, d)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args:  # BERT: (intermediate h, FFN input x)

@@ -184,14 +184,22 @@ class TunerLayer(AdapterWrapper):
             self.merged_adapters.pop()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        return self.adapt(x, self.base_layer(x, *args, **kwargs))
+
+    def unmerged_active(self) -> list[str]:
+        """The active adapters this layer holds and has not merged: the ones its forward applies."""
+        return [n for n in self.active_adapters if n in self.adapter_names() and n not in self.merged_adapters]
+
+    def adapt(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` (what the base computed from x) with the adapters applied: the active unmerged ones, or in
+        a mixed batch each row's own. A method whose adapter is not on the base output (a parallel branch)
+        calls it with its own `result`."""
         if self.disabled:
             return result
         if self.row_adapters is not None:
             return self.apply_per_row(x, result, self.row_adapters)
-        for name in self.active_adapters:
-            if name in self.adapter_names() and name not in self.merged_adapters:
-                result = self.apply_adapter(x, result, name)
+        for name in self.unmerged_active():
+            result = self.apply_adapter(x, result, name)
         return result
 
     def apply_per_row(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:

@@ -72,7 +72,7 @@ def lora_forward(layer, x: torch.Tensor, extra: bool) -> torch.Tensor | None:
     "auto" off CUDA, or an adapter the kernel should not compute (see `_fusable`)."""
     if extra or layer.disabled or layer.row_adapters is not None:
         return None
-    names = [n for n in layer.active_adapters if n in layer.lora_A and n not in layer.merged_adapters]
+    names = layer.unmerged_active()
     if len(names) != 1 or not _fusable(layer, names[0], x) or not use_triton(layer.kernel[names[0]], x):
         return None
     from .lora_triton import fused_lora_linear

@@ -114,7 +114,7 @@ class DeltaLayer(TunerLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled or self.row_adapters is not None:
             return super().forward(x, *args, **kwargs)  # base output, or one adapter per row
-        names = [n for n in self.active_adapters if n in self.adapter_names() and n not in self.merged_adapters]
+        names = self.unmerged_active()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         return self.run_with_deltas(x, names, *args, **kwargs)  # one pass, not base + a second pass
