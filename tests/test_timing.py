@@ -30,7 +30,8 @@ def test_medians_in_milliseconds_interleaved_without_grad():
     log = []
     fast, slow = Sleeper(0.002, log), Sleeper(0.02, log)
     ms = forward_ms({"fast": fast, "slow": slow}, {"x": torch.ones(1)}, rounds=3)
-    assert 2 <= ms["fast"] < 15 and 20 <= ms["slow"] < 40
+    # Milliseconds (not seconds or microseconds), slow above fast; no tight upper bound: a busy machine oversleeps.
+    assert 2 <= ms["fast"] < ms["slow"] and 20 <= ms["slow"] < 1000
     assert log == [fast, slow] * 4  # warm-up, then the rounds take turns
     assert not any(fast.grad_seen + slow.grad_seen) and not fast.training
 
