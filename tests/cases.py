@@ -47,7 +47,8 @@ class Case:
     # Architectures the method applies to; the others must refuse it clearly (BitFit: LLaMA has no biases).
     kinds: tuple[str, ...] = ("bert", "gpt2", "llama")
     # False for a method that rewrites the base weight at init (PiSSA keeps the residual there):
-    # disable_adapter() then gives the residual model, which tests/test_reparam_pissa.py checks instead.
+    # disable_adapter() then gives the residual model, which
+    # test_reparam_methods.py::test_pissa_disable_gives_the_residual_model checks instead.
     keeps_base: bool = True
 
 

@@ -1,5 +1,5 @@
 """Runs before any test module is imported: Triton's CPU interpreter must be on before
-minipeft's kernels are defined (DESIGN.md section 8), whatever module imports them first."""
+minipeft's kernels are defined (ARCHITECTURE.md, "Kernels"), whatever module imports them first."""
 
 import os
 

@@ -1,5 +1,5 @@
 """Bad input to the additive methods gets a clear error naming what was wrong and what would
-be right (DESIGN.md section 10)."""
+be right (ARCHITECTURE.md, "Failure semantics")."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_reduction_factor_that_leaves_no_bottleneck():
 
 def test_adapter_placement_for_an_unknown_architecture():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="no adapter placement known.*pass target_modules"):
+    with pytest.raises(ValueError, match="no default targets.*pass target_modules"):
         mp.get_peft_model(model, mp.AdapterConfig(bottleneck_size=2))
 
 
@@ -49,8 +49,13 @@ def test_adapter_placement_for_an_unknown_architecture():
     "make,targets", [(tiny_gpt2, ["ln_1", "c_attn"]), (tiny_llama, ["mlp"]), (tiny_bert, ["word_embeddings"])]
 )
 def test_ia3_targets_that_are_not_linear(make, targets):
-    with pytest.raises(ValueError, match=r"not linear: \{.*\}\. Target linear layers instead"):
-        mp.get_peft_model(make(), mp.IA3Config(target_modules=targets))
+    base = make()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    types = {n: type(m) for n, m in base.named_modules()}
+    with pytest.raises(TypeError, match=r"IA3Layer adapts Linear, .*; these targets are not: \{.*\}"):
+        mp.get_peft_model(base, mp.IA3Config(target_modules=targets))
+    assert {n: type(m) for n, m in base.named_modules()} == types, "a refused call leaves every module as it was"
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
 
 
 def test_ia3_feedforward_modules_outside_the_targets():

@@ -1,5 +1,5 @@
 """Bad input gets a clear error that names what was wrong and what would be right;
-nothing half-written is left on disk (DESIGN.md section 10)."""
+nothing half-written is left on disk (ARCHITECTURE.md, "Failure semantics")."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_rank_below_one(r):
 
 
 def test_rank_above_layer_size():
-    with pytest.raises(ValueError, match=r"exceeds min\(d_in, d_out\)"):
+    with pytest.raises(ValueError, match=r"exceeds min\(d_out, fan_in\)"):
         mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(r=65, target_modules=["c_attn"]))
 
 

@@ -13,6 +13,7 @@ from minipeft import kernels
 from minipeft.kernels import lora_triton, reference
 from minipeft.kernels.lora_triton import fused_lora_linear
 from minipeft.models import tiny_gpt2, tiny_llama
+from minipeft.reparameterized import lora_kernels
 from minipeft.reparameterized.lora import LoraLayer
 from tests.cases import outputs
 
@@ -125,13 +126,13 @@ def test_which_adapters_the_kernel_computes():
     layer.add_adapter("drop", mp.LoraConfig(r=2, lora_dropout=0.1))
     layer.active_adapters = ["plain"]
     x = torch.zeros(3, 12)
-    assert not kernels._fusable(layer, "plain", x)  # "auto" leaves a trainable base to torch ...
+    assert not lora_kernels._fusable(layer, "plain", x)  # "auto" leaves a trainable base to torch ...
     layer.kernel["plain"] = "triton"
-    assert kernels._fusable(layer, "plain", x)  # ... "triton" hands it to the kernel, which refuses it clearly
+    assert lora_kernels._fusable(layer, "plain", x)  # ... "triton" hands it to the kernel, which refuses it clearly
     with pytest.raises(ValueError, match="keeps the base weight and bias frozen"):
         layer(x)
     layer.base_layer.requires_grad_(False)
-    assert kernels._fusable(layer, "plain", x.double()) and not kernels._fusable(layer, "dora", x)
+    assert lora_kernels._fusable(layer, "plain", x.double()) and not lora_kernels._fusable(layer, "dora", x)
     layer.kernel["plain"] = "auto"
-    assert not kernels._fusable(layer, "plain", x.double())  # mixed dtypes: torch under "auto"
-    assert not kernels._fusable(layer.train(), "drop", x) and kernels._fusable(layer.eval(), "drop", x)
+    assert not lora_kernels._fusable(layer, "plain", x.double())  # mixed dtypes: torch under "auto"
+    assert not lora_kernels._fusable(layer.train(), "drop", x) and lora_kernels._fusable(layer.eval(), "drop", x)

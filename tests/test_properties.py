@@ -1,4 +1,4 @@
-"""DESIGN.md section 4: the properties every method must show, run over every
+"""ARCHITECTURE.md, "Properties": what every method must show, run over every
 registered method on tiny GPT-2 (Conv1D), LLaMA-style and BERT-style models."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ KINDS = sorted(MODELS)
 # (method, architecture) pairs: every method on every architecture it applies to (Case.kinds).
 PAIRS = [(m, k) for m in METHODS for k in KINDS if k in CASES[m].kinds]
 # A base of another width: loading the adapter into it must fail clearly.
-WIDER = {"gpt2": dict(n_embd=96), "llama": dict(hidden_size=96), "bert": dict(hidden_size=96)}
+WIDER = {"gpt2": dict(n_embd=96), "llama": dict(hidden_size=96), "bert": dict(hidden_size=96), "conv": dict(width=16)}
 IDS = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
 
 

@@ -18,7 +18,7 @@ TOO_HIGH = [
 
 @pytest.mark.parametrize("config", TOO_HIGH, ids=lambda c: type(c).__name__)
 def test_rank_above_min_of_the_layer(config):
-    with pytest.raises(ValueError, match=r"r=65 exceeds min\(d_in, d_out\) = min\(64, 192\).*Use r <= 64"):
+    with pytest.raises(ValueError, match=r"r=65 exceeds min\(d_out, fan_in\) = min\(192, 64\).*Use r <= 64"):
         mp.get_peft_model(tiny_gpt2(), config)
 
 
@@ -63,7 +63,7 @@ def test_intrinsic_dimension_below_one():
 
 def test_intrinsic_subspace_of_another_base():
     config = mp.IntrinsicConfig(intrinsic_dim=8, target_modules=["c_attn"])
-    mp.get_peft_model(tiny_gpt2(), config)
+    config = mp.get_peft_model(tiny_gpt2(), config).peft_config["default"]  # D recorded, as in a saved adapter
     with pytest.raises(ValueError, match=r"projected_size=24576, but the targeted weights of this model hold 55296"):
         mp.get_peft_model(tiny_gpt2(n_embd=96), config)
 

@@ -189,7 +189,8 @@ def test_fastfood_equals_its_dense_matrix():
 def test_intrinsic_subspace_is_shared_and_saved_as_one_vector(tmp_path):
     config = mp.IntrinsicConfig(intrinsic_dim=10, target_modules=["c_attn", "c_fc"], init_weights=False)
     model = mp.get_peft_model(tiny_gpt2(), config)
-    assert config.projected_size == 2 * (64 * 192 + 64 * 256)
+    assert model.peft_config["default"].projected_size == 2 * (64 * 192 + 64 * 256)
+    assert config.projected_size is None, "the caller's config describes; the model's copy records D"
     layers = [m for m in model.modules() if isinstance(m, mp.reparameterized.IntrinsicLayer)]
     assert len({id(m.theta["default"]) for m in layers}) == 1
     model.save_pretrained(tmp_path)

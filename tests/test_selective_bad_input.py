@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
 import minipeft as mp
 from minipeft.models import tiny_bert, tiny_gpt2, tiny_llama
@@ -43,8 +44,10 @@ def test_ln_tuning_target_that_is_not_a_norm():
 
 
 def test_mask_on_a_module_without_a_weight_matrix():
-    with pytest.raises(ValueError, match="masks weight matrices; 'transformer.h.0.ln_1' is a LayerNorm"):
-        mp.get_peft_model(tiny_gpt2(), mp.FishMaskConfig(target_modules=["h.0.ln_1"]))
+    base = tiny_gpt2()
+    with pytest.raises(TypeError, match=r"SparseDeltaLayer adapts Linear, Conv1D.*'transformer.h.0.ln_1': 'LayerNorm'"):
+        mp.get_peft_model(base, mp.FishMaskConfig(target_modules=["h.0.ln_1", "c_attn"]))
+    assert isinstance(base.transformer.h[0].attn.c_attn, Conv1D), "a refused call leaves the model as it was"
 
 
 def test_more_blocks_than_the_model_has():

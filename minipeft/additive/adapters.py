@@ -21,7 +21,6 @@ costs 2 d m + m + d parameters. Adapters cannot be merged: act() is nonlinear.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -29,22 +28,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..core.architectures import role_pattern
 from ..core.config import Method, PeftConfig, register
 from ..core.layers import TunerLayer, linear_shape
-from ..core.targets import is_linear
+from ..core.targets import LINEAR_TYPES, find_targets, is_linear
 
-# Where each placement puts adapters, per architecture (regexes over full module names).
-# "attn" is the attention output projection, "ffn" the FFN's last projection; "ffn_block"
-# is the whole FFN sublayer (BERT splits it, so its parallel adapter sits at `output`, see below).
-SITES = {
-    "gpt2": {"attn": r".*\.attn\.c_proj", "ffn": r".*\.mlp\.c_proj", "ffn_block": r".*\.mlp"},
-    "llama": {"attn": r".*\.self_attn\.o_proj", "ffn": r".*\.mlp\.down_proj", "ffn_block": r".*\.mlp"},
-    "bert": {
-        "attn": r".*\.attention\.output\.dense",
-        "ffn": r".*layer\.\d+\.output\.dense",
-        "ffn_block": r".*layer\.\d+\.output",
-    },
-}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -73,7 +61,8 @@ class AdapterConfig(PeftConfig):
             raise ValueError(f"{type(self).__name__}.reduction_factor must be >= 1, got {self.reduction_factor}")
 
     def sites(self) -> tuple[str, ...]:
-        return ("attn", "ffn") if self.placement == "houlsby" else ("ffn",)
+        """The roles (core/architectures.py) whose output gets an adapter."""
+        return ("attn_out", "ffn_out") if self.placement == "houlsby" else ("ffn_out",)
 
 
 @dataclass
@@ -85,7 +74,7 @@ class ParallelAdapterConfig(AdapterConfig):
     scaling: float = 4.0
 
     def sites(self) -> tuple[str, ...]:
-        return ("ffn_block",)
+        return ("ffn",)
 
 
 class Bottleneck(nn.Module):
@@ -116,14 +105,13 @@ class SerialAdapterLayer(TunerLayer):
     """A sublayer's output projection followed by an adapter: h + f(h), h = base(x)."""
 
     adapter_layer_names = ("adapter",)
+    base_types = LINEAR_TYPES  # it follows a linear projection
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.adapter = nn.ModuleDict()
 
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
-        if self.out_features is None:
-            raise TypeError(f"a serial adapter follows a linear projection, got {type(self.base_layer).__name__}")
         self.adapter[name] = Bottleneck(self.out_features, config, self.weight)
 
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
@@ -166,19 +154,10 @@ class ParallelAdapterLayer(TunerLayer):
 
 
 class AdapterMethod(Method):
-    """Targets come from the placement (per architecture) unless target_modules is given."""
+    """Targets come from the placement (its roles in core/architectures.py) unless target_modules is given."""
 
-    def inject(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
-        if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in SITES:
-                raise ValueError(
-                    f"no adapter placement known for model_type={model_type!r} (known: {sorted(SITES)}); "
-                    "pass target_modules naming the modules to wrap"
-                )
-            pattern = "|".join(f"(?:{SITES[model_type][site]})" for site in config.sites())
-            config = dataclasses.replace(config, target_modules=pattern)
-        super().inject(model, config, adapter_name)
+    def targets(self, model: nn.Module, config: AdapterConfig) -> list[str]:
+        return find_targets(model, config.target_modules, role_pattern(model, config.sites()))
 
 
 ADAPTER = register(AdapterMethod(AdapterConfig, SerialAdapterLayer))

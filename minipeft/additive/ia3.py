@@ -22,14 +22,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from ..core import layer_types
+from ..core.architectures import role_pattern
 from ..core.config import Method, PeftConfig, register
-from ..core.inject import replace_module
 from ..core.layers import TunerLayer, innermost
-from ..core.targets import find_targets, is_linear
-
-# The feed-forward modules (their *input* is rescaled) among each architecture's default targets.
-DEFAULT_FEEDFORWARD = {"gpt2": ["mlp.c_proj"], "llama": ["down_proj"], "bert": r".*layer\.\d+\.output\.dense"}
+from ..core.targets import find_targets
 
 
 @dataclass
@@ -45,42 +44,55 @@ class IA3Config(PeftConfig):
 
 
 class IA3Layer(TunerLayer):
-    """A linear layer whose output (keys, values) or input (FFN) is rescaled by a learned vector."""
+    """A linear layer or convolution whose output (keys, values) or input (FFN) is rescaled by a learned vector."""
 
     adapter_layer_names = ("ia3_l",)
+    base_types = (nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d)  # peft's
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
 
-    def add_adapter(self, name: str, config: IA3Config, feedforward: bool = False) -> None:
-        shape = (1, self.in_features) if feedforward else (self.out_features, 1)  # peft's layout
-        weight = self.weight
-        vector = torch.ones(shape, device=weight.device, dtype=weight.dtype)
+    def add_adapter(self, name: str, config: IA3Config) -> None:
+        """A vector over the outputs (out, 1); `IA3Method.link` turns feed-forward layers' into (1, in)."""
+        self.ia3_l[name] = self._vector(self.out_features, False, config)
+        self.is_feedforward[name] = False
+
+    def rescale_input(self, name: str, config: IA3Config) -> None:
+        """Make this adapter rescale the layer's input instead: a feed-forward layer (peft's layout (1, in))."""
+        base = innermost(self)
+        if getattr(base, "groups", 1) > 1:
+            raise ValueError(f"(IA)^3 rescales the input of a grouped {type(base).__name__} (groups={base.groups}): "
+                             "minipeft supports groups=1 only; rescale its output instead")  # fmt: skip
+        self.ia3_l[name] = self._vector(self.in_features, True, config)
+        self.is_feedforward[name] = True
+
+    def _vector(self, d: int, feedforward: bool, config: IA3Config) -> nn.Parameter:
+        """peft's layouts: (1, d_in) or (d_out, 1) for linears, (1, d, 1, ...) for convolutions."""
+        base = innermost(self)
+        shape = layer_types.feature_param_shape(base, d) or ((1, d) if feedforward else (d, 1))
+        vector = torch.ones(shape, device=base.weight.device, dtype=base.weight.dtype)
         if not config.init_ia3_weights:
             vector += 0.5 * torch.randn_like(vector)
-        self.ia3_l[name] = nn.Parameter(vector)
-        self.is_feedforward[name] = feedforward
-        config.fan_in_fan_out |= self.fan_in_fan_out
+        return nn.Parameter(vector)
 
     def _factor(self, x: torch.Tensor, feedforward: bool) -> torch.Tensor | float:
-        """What multiplies the input (feedforward) or the output: the product of the active vectors,
-        or in a mixed batch one vector per row (ones for rows whose adapter is not here)."""
+        """What multiplies the input (feedforward) or the output on its feature axis: the product of the
+        active vectors, or in a mixed batch one vector per row (ones for rows whose adapter is not here)."""
         if self.disabled:
             return 1.0
+        base = innermost(self)
         kind = [n for n in self.ia3_l if self.is_feedforward[n] == feedforward and n not in self.merged_adapters]
-        if self.row_adapters is not None:  # (B, 1, ..., d)
-            rows = [self.ia3_l[n].flatten() if n in kind else None for n in self.row_adapters]
+        if self.row_adapters is not None:
             d = self.in_features if feedforward else self.out_features
             ones = torch.ones(d, device=x.device, dtype=x.dtype)
-            return torch.stack([ones if r is None else r.to(x.dtype) for r in rows]).view(
-                len(rows), *[1] * (x.dim() - 2), d
-            )
+            rows = [self.ia3_l[n].flatten().to(x.dtype) if n in kind else ones for n in self.row_adapters]
+            return layer_types.per_feature(base, torch.stack(rows), x.dim())  # (B, d) on the feature axis
         factor = 1.0
         for name in (n for n in self.active_adapters if n in kind):
             factor = factor * self.ia3_l[name].flatten().to(x.dtype)  # (d,)
-        return factor
+        return factor if isinstance(factor, float) else layer_types.per_feature(base, factor, x.dim())
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x * self._factor(x, True), *args, **kwargs)  # (..., d_in) scaled on the way in
@@ -91,10 +103,15 @@ class IA3Layer(TunerLayer):
         return tensor / scale if name in self.merged_adapters else tensor
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """diag(l) W - W (outputs) or W diag(l) - W (feed-forward inputs), in (out, in) layout."""
-        weight = self.weight.T if self.fan_in_fan_out else self.weight  # (out, in)
-        vector = self.ia3_l[name].to(weight.dtype)  # (out, 1) or (1, in): broadcasts over W
-        return (vector - 1) * self._original(name, weight, vector)
+        """diag(l) W - W (outputs) or W diag(l) - W (feed-forward inputs), W as a matrix (d_out, fan_in)."""
+        weight = layer_types.weight_matrix(innermost(self))  # (d_out, fan_in)
+        vector = self.ia3_l[name].flatten().to(weight.dtype)
+        if self.is_feedforward[name]:  # one factor per input channel, for all its kernel columns
+            scale, weight = vector.view(1, -1, 1), weight.reshape(weight.shape[0], vector.shape[0], -1)
+        else:
+            scale = vector.view(-1, 1, 1)  # (d_out, 1, 1)
+            weight = weight.reshape(weight.shape[0], 1, -1)
+        return ((scale - 1) * self._original(name, weight, scale)).reshape(weight.shape[0], -1)
 
     def delta_bias(self, name: str) -> torch.Tensor | None:
         """l * b - b for outputs; the bias comes after a feed-forward layer's input scaling: unchanged."""
@@ -106,46 +123,26 @@ class IA3Layer(TunerLayer):
 
 
 class IA3Method(Method):
-    """Wraps each target and tells it whether it is feed-forward (input) or attention (output)."""
+    """Attention targets rescale their output; feed-forward targets (a subset) rescale their input."""
 
-    def inject(self, model: nn.Module, config: IA3Config, adapter_name: str) -> None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        names = find_targets(model, config.target_modules, self.default_targets.get(model_type))
-        modules = {n: innermost(model.get_submodule(n)) for n in names}
-        not_linear = {n: type(m).__name__ for n, m in modules.items() if not is_linear(m)}
-        if not_linear:
-            linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear(m)})
+    def feedforward(self, model: nn.Module, config: IA3Config) -> set[str]:
+        ff = config.feedforward_modules
+        if ff is None and config.target_modules is None:
+            ff = role_pattern(model, ("ffn_out",))
+        return set(find_targets(model, ff)) if ff else set()
+
+    def resolve(self, model: nn.Module, config: IA3Config) -> IA3Config:
+        outside = self.feedforward(model, config) - set(self.targets(model, config))
+        if outside:
             raise ValueError(
-                f"(IA)^3 rescales the input or output of linear layers, but these targets are not linear: "
-                f"{not_linear}. Target linear layers instead, e.g. {linear}"
+                f"feedforward_modules must be a subset of target_modules; these are not targets: {sorted(outside)}"
             )
-        ff_targets = config.feedforward_modules
-        if ff_targets is None and config.target_modules is None:
-            ff_targets = DEFAULT_FEEDFORWARD.get(model_type)
-        feedforward = set(find_targets(model, ff_targets)) if ff_targets else set()
-        if not feedforward <= set(names):
-            raise ValueError(
-                f"feedforward_modules must be a subset of target_modules; these are not targets: "
-                f"{sorted(feedforward - set(names))}"
-            )
-        for name in names:
-            module = model.get_submodule(name)
-            if not isinstance(module, IA3Layer):
-                module = IA3Layer(module)
-                replace_module(model, name, module)
-            if adapter_name in module.adapter_names():
-                raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
-            module.add_adapter(adapter_name, config, feedforward=name in feedforward)
+        return config
+
+    def link(self, model: nn.Module, config: IA3Config, adapter_name: str, layers: dict[str, nn.Module]) -> None:
+        for name in self.feedforward(model, config):
+            layers[name].rescale_input(adapter_name, config)
 
 
-IA3 = register(
-    IA3Method(
-        IA3Config,
-        IA3Layer,
-        default_targets={
-            "gpt2": ["c_attn", "mlp.c_proj"],
-            "llama": ["k_proj", "v_proj", "down_proj"],
-            "bert": r".*\.(key|value)|.*layer\.\d+\.output\.dense",
-        },
-    )
-)
+# Liu et al. rescale keys, values and the FFN's intermediate activation (the input of its last projection).
+IA3 = register(IA3Method(IA3Config, IA3Layer, default_roles=("k", "v", "ffn_out")))

@@ -88,8 +88,8 @@ class PromptEncoder(nn.Module):
 
 
 class PTuningMethod(PromptMethod):
-    def build_encoder(self, model: nn.Module, config: PTuningConfig, embedding: PromptLayer) -> nn.Module:
-        return PromptEncoder(config, embedding.weight.shape[1], embedding.weight)
+    def build_encoder(self, config: PTuningConfig, embedding: PromptLayer) -> nn.Module:
+        return PromptEncoder(config, config.token_dim, embedding.weight)
 
 
 P_TUNING = register(PTuningMethod(PTuningConfig, PromptLayer))

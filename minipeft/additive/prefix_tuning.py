@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..core.architectures import kv_shape
 from ..core.config import register
 from .prompts import PromptLayer, PromptLearningConfig, PromptMethod, PromptTable, check_length, extend_for_prefix
 
@@ -37,15 +38,6 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def folded(self) -> PrefixTuningConfig:
         return dataclasses.replace(self, prefix_projection=False)
-
-
-def kv_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(layers L, key/value heads, head dim) of a transformers model; LLaMA's grouped-query
-    attention has fewer key/value heads than query heads."""
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers, heads, head_dim
 
 
 class PrefixEncoder(nn.Module):
@@ -63,15 +55,22 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixTuningMethod(PromptMethod):
-    def build_encoder(self, model: nn.Module, config: PrefixTuningConfig, embedding: PromptLayer) -> nn.Module:
+    def resolve(self, model: nn.Module, config: PrefixTuningConfig) -> PrefixTuningConfig:
+        """A virtual token here is one key (or value) per layer: its width is key/value heads x head dim."""
         layers, heads, head_dim = kv_shape(model)
-        like = embedding.weight
+        config = super().resolve(model, config)
+        return dataclasses.replace(config, token_dim=heads * head_dim, num_layers=layers, num_attention_heads=heads)
+
+    def build_encoder(self, config: PrefixTuningConfig, embedding: PromptLayer) -> nn.Module:
+        like, d_kv, layers = embedding.weight, config.token_dim, config.num_layers
         if config.prefix_projection:
-            return PrefixEncoder(config, heads * head_dim, layers, like)
-        table = 0.02 * torch.randn(config.num_virtual_tokens, layers * 2 * heads * head_dim)  # GPT-2's init scale
+            return PrefixEncoder(config, d_kv, layers, like)
+        table = 0.02 * torch.randn(config.num_virtual_tokens, layers * 2 * d_kv)  # GPT-2's init scale
         return PromptTable(table.to(like))
 
-    def prepare_inputs(self, peft_model: nn.Module, kwargs: dict[str, Any], generating: bool = False) -> dict:
+    def prepare_inputs(
+        self, peft_model: nn.Module, kwargs: dict[str, Any], adapter_name: str, generating: bool = False
+    ) -> dict:
         """Pass the prefix as a fresh key/value cache and let the mask cover its n positions."""
         embedding = peft_model.get_input_embeddings()
         name = embedding.active()

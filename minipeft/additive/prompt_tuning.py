@@ -64,7 +64,7 @@ def initial_prompt(config: PromptTuningConfig, vocab: torch.Tensor) -> torch.Ten
 
 
 class PromptTuningMethod(PromptMethod):
-    def build_encoder(self, model: nn.Module, config: PromptTuningConfig, embedding: PromptLayer) -> nn.Module:
+    def build_encoder(self, config: PromptTuningConfig, embedding: PromptLayer) -> nn.Module:
         vocab = embedding.weight.detach()  # (V, d)
         if config.inference_mode:  # loading a saved prompt: its values come from the file
             return PromptTable(vocab.new_zeros(config.num_virtual_tokens, vocab.shape[1]))

@@ -18,14 +18,14 @@ How the virtual tokens reach the model, with no model-specific code:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.config import Method, PeftConfig
-from ..core.inject import replace_module
+from ..core.config import REGISTRY, Method, PeftConfig
 from ..core.layers import TunerLayer
 
 
@@ -35,6 +35,11 @@ class PromptLearningConfig(PeftConfig):
 
     # n, the number of virtual tokens; Lester et al. find 20-100 enough at scale, 5-20 here.
     num_virtual_tokens: int = 20
+    # Filled from the model when the adapter is added (peft's fields, so peft reads the file): the width
+    # of one virtual token (prefix tuning: of one key or value), the number of layers and of (key/value) heads.
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,15 +66,24 @@ class PromptLayer(TunerLayer):
     """The input embedding, plus one prompt encoder per adapter."""
 
     adapter_layer_names = ("prompt_encoder",)
+    base_types = (nn.Embedding,)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.prompt_encoder = nn.ModuleDict()
         self.vocab_size = self.weight.shape[0]  # ids >= vocab_size are virtual tokens
 
+    def add_adapter(self, name: str, config: PromptLearningConfig) -> None:
+        self.prompt_encoder[name] = REGISTRY[config.peft_type].build_encoder(config, self)
+
     def active(self) -> str | None:
-        """The adapter whose prompt runs now, or None (disabled, or the active adapter is not a prompt)."""
+        """The adapter whose prompt runs now, or None (disabled, or no active adapter is a prompt)."""
         names = [n for n in self.active_adapters if n in self.prompt_encoder]
+        if len(names) > 1:
+            raise ValueError(
+                f"adapters {names} are all prompt-style and active at once; their virtual tokens would compete "
+                "for the same positions. Activate one of them together with any layer adapters"
+            )
         return names[0] if names and not self.disabled else None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -112,23 +126,26 @@ def check_length(model: nn.Module, n_virtual: int, n_tokens: int) -> None:
 
 
 class PromptMethod(Method):
-    """Wraps the input embedding once; `build_encoder` makes each method's prompt encoder."""
+    """Wraps the input embedding (its one target); `build_encoder` makes each method's prompt encoder."""
 
-    def build_encoder(self, model: nn.Module, config: PromptLearningConfig, embedding: PromptLayer) -> nn.Module:
+    def build_encoder(self, config: PromptLearningConfig, embedding: PromptLayer) -> nn.Module:
         raise NotImplementedError
 
-    def inject(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
-        check_length(model, config.num_virtual_tokens, 1)
+    def targets(self, model: nn.Module, config: PromptLearningConfig) -> list[str]:
         embedding = model.get_input_embeddings()
-        if not isinstance(embedding, PromptLayer):
-            name = next(n for n, m in model.named_modules() if m is embedding)
-            embedding = PromptLayer(embedding)
-            replace_module(model, name, embedding)
-        if adapter_name in embedding.prompt_encoder:
-            raise ValueError(f"the input embedding already has an adapter named {adapter_name!r}")
-        embedding.prompt_encoder[adapter_name] = self.build_encoder(model, config, embedding)
+        return [next(n for n, m in model.named_modules() if m is embedding)]
 
-    def prepare_inputs(self, peft_model: nn.Module, kwargs: dict[str, Any], generating: bool = False) -> dict:
+    def resolve(self, model: nn.Module, config: PromptLearningConfig) -> PromptLearningConfig:
+        check_length(model, config.num_virtual_tokens, 1)
+        c = model.config
+        width = model.get_input_embeddings().weight.shape[1]
+        return dataclasses.replace(
+            config, token_dim=width, num_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads
+        )
+
+    def prepare_inputs(
+        self, peft_model: nn.Module, kwargs: dict[str, Any], adapter_name: str, generating: bool = False
+    ) -> dict:
         """Prepend n virtual-token ids (or embeddings) and extend the mask, token types and labels."""
         embedding = peft_model.get_input_embeddings()
         name = embedding.active()

@@ -11,10 +11,13 @@ import dataclasses
 import types
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
+
+from .architectures import role_pattern
+from .targets import find_targets
 
 # peft writes these bookkeeping fields into adapter_config.json; we read past them.
 _PEFT_BOOKKEEPING = {"auto_mapping", "revision", "peft_version", "base_model_name_or_path"}
@@ -105,26 +108,38 @@ def check_field_types(config: Any) -> None:
 
 @dataclass
 class Method:
-    """How one PEFT method plugs in: its config class and its layer class.
+    """How one PEFT method plugs in (ARCHITECTURE.md): its config class, its layer class, and the
+    roles (core/architectures.py) it adapts when `target_modules` is None.
 
-    The default `inject` wraps each targeted module in `layer_cls` (or adds a named
-    adapter to a module already wrapped). Methods that do not wrap layers (prompts,
-    selective methods) override `inject`.
+    `core.inject.inject_adapter` runs the same steps for every method: `resolve` the config
+    against the model, find the `targets`, wrap each in `layer_cls` (once) and call its
+    `add_adapter(name, config)`, then `link` the layers. A method overrides a hook only for
+    what it does differently; none rewrites the loop.
     """
 
     config_cls: type[PeftConfig]
-    layer_cls: type[nn.Module] | None = None
-    default_targets: dict[str, list[str]] = field(default_factory=dict)
+    layer_cls: type[nn.Module]
+    default_roles: tuple[str, ...] = ()
 
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        from .inject import wrap_targets
+    def resolve(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        """The config this adapter is built from on `model`: the caller's config, or a copy with what
+        depends on the model filled in (sizes, budgets), checked before anything changes. Never mutates."""
+        return config
 
-        wrap_targets(model, config, adapter_name, self)
+    def targets(self, model: nn.Module, config: PeftConfig) -> list[str]:
+        """Names of the modules to wrap: `target_modules`, or the modules of this method's default roles."""
+        return find_targets(model, config.target_modules, role_pattern(model, self.default_roles))
 
-    def prepare_inputs(self, peft_model: nn.Module, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
-        """Rewrite the keyword inputs of `PeftModel.forward` / `.generate` before the base model sees
-        them. Methods that wrap layers change nothing; prompt methods (chapter 04) prepend virtual
-        tokens or pass key/value prefixes here."""
+    def link(self, model: nn.Module, config: PeftConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
+        """After every target got its adapter: build what spans layers (a shared vector, a global budget,
+        which layers play which role). `layers` maps each target's name to its wrapper. Default: nothing."""
+
+    def prepare_inputs(
+        self, peft_model: nn.Module, kwargs: dict[str, Any], adapter_name: str, generating: bool = False
+    ) -> dict[str, Any]:
+        """Rewrite the keyword inputs of `PeftModel.forward` / `.generate` for the active adapter
+        `adapter_name` before the base model sees them. Methods that wrap layers change nothing;
+        prompt methods (chapter 04) prepend virtual tokens or pass key/value prefixes here."""
         return kwargs
 
 

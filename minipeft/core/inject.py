@@ -1,18 +1,25 @@
-"""Injection: replace targeted modules by wrappers, and decide what trains.
+"""Injection: one loop for every method. Resolve the config, find the targets, wrap each target
+once in the method's layer class and give it the named adapter, then let the method link its
+layers (ARCHITECTURE.md). A module already wrapped by the same method gets one more named
+adapter; a module wrapped by another method is wrapped again, which is how methods compose.
 
-Taught in chapter 02. A module that is already wrapped by the same method gets one
-more named adapter; a module wrapped by another method is wrapped again, which is how
-methods compose (chapter 08).
+Validate before mutate: every target is checked before the first module is replaced, and if
+anything fails after that, every wrapper and adapter added so far is taken out again, so a failed
+call leaves the model exactly as it was. Taught in chapter 02.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .config import Method, PeftConfig
-from .layers import AdapterWrapper, ModulesToSaveWrapper
+from .config import REGISTRY, PeftConfig
+from .layers import ModulesToSaveWrapper, innermost
 from .targets import find_targets
+from .wrapper import AdapterWrapper
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -26,32 +33,76 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrap_targets(model: nn.Module, config: PeftConfig, adapter_name: str, method: Method) -> None:
-    """Wrap every targeted module in `method.layer_cls` and add the named adapter to it."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for name in find_targets(model, config.target_modules, method.default_targets.get(model_type)):
+def _check_targets(model: nn.Module, names: list[str], layer_cls: type, adapter_name: str) -> None:
+    """Refuse, before any change, a target the layer class cannot wrap or that has the adapter already."""
+    wrong, taken = {}, []
+    for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, method.layer_cls):
-            module = method.layer_cls(module)
-            replace_module(model, name, module)
-        if adapter_name in module.adapter_names():
-            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
-        module.add_adapter(adapter_name, config)
+        if isinstance(module, layer_cls):
+            if adapter_name in module.adapter_names():
+                taken.append(name)
+        elif not layer_cls.can_wrap(module):
+            wrong[name] = type(innermost(module)).__name__
+    if taken:
+        raise ValueError(f"modules {taken[:5]} already have an adapter named {adapter_name!r}")
+    if wrong:
+        raise TypeError(
+            f"{layer_cls.__name__} adapts {layer_cls.wraps()}; these targets are not: {wrong}. "
+            "Choose target_modules among the supported layers"
+        )
 
 
-def wrap_modules_to_save(model: nn.Module, names: list[str] | None, adapter_name: str) -> None:
-    """Give each module named in `modules_to_save` a trainable copy for this adapter."""
-    for name in find_targets(model, names) if names else []:
-        module = model.get_submodule(name)
-        if not isinstance(module, ModulesToSaveWrapper):
-            module = ModulesToSaveWrapper(module)
+def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> PeftConfig:
+    """Add the adapter `config` describes to `model` under `adapter_name`; returns the resolved config.
+    All or nothing: on any error the model is left as it was."""
+    method = REGISTRY[config.peft_type]
+    names = method.targets(model, config)
+    _check_targets(model, names, method.layer_cls, adapter_name)
+    config = method.resolve(model, config)
+    if getattr(config, "fan_in_fan_out", None) is False and any(
+        isinstance(innermost(model.get_submodule(n)), Conv1D) for n in names
+    ):  # recorded for peft, which reads from the file that GPT-2's Conv1D stores its weight as (in, out)
+        config = dataclasses.replace(config, fan_in_fan_out=True)
+    saves = find_targets(model, config.modules_to_save) if config.modules_to_save else []
+    wrapped: list[tuple[str, nn.Module]] = []  # (name, module it replaced), to undo on failure
+    holders: list[AdapterWrapper] = []  # wrappers that got the adapter, to undo on failure
+    try:
+        layers = {}
+        for name in names:
+            module = model.get_submodule(name)
+            if not isinstance(module, method.layer_cls):
+                layer = method.layer_cls(module).train(module.training)
+                replace_module(model, name, layer)
+                wrapped.append((name, module))
+                module = layer
+            module.add_adapter(adapter_name, config)
+            holders.append(module)
+            layers[name] = module
+        method.link(model, config, adapter_name, layers)
+        for name in saves:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                layer = ModulesToSaveWrapper(module)
+                replace_module(model, name, layer)
+                wrapped.append((name, module))
+                module = layer
+            module.add_adapter(adapter_name)
+            holders.append(module)
+    except BaseException:
+        for holder in holders:
+            if adapter_name in holder.adapter_names():
+                holder.delete_adapter(adapter_name)
+        for name, module in reversed(wrapped):
             replace_module(model, name, module)
-        module.add_adapter(adapter_name)
+        raise
+    return config
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str, buffers: bool = False) -> dict[str, torch.Tensor]:
-    """Every parameter that belongs to one adapter: `<...>.<adapter dict>.<adapter_name>.<...>`.
-    With buffers=True also its buffers: saved state that does not train (a sparse update's indices)."""
+    """Every tensor that belongs to one adapter, under its file key (peft's: the module path and the
+    parameter path with the adapter's own level left out; a `modules_to_save` copy under the module's
+    own name). Built from the parts, so any adapter name works, also one equal to a module name.
+    With buffers=True also the adapter's buffers: saved state that does not train (a sparse update's indices)."""
     out = {}
     for module_name, module in model.named_modules():
         if not isinstance(module, AdapterWrapper):
@@ -62,21 +113,23 @@ def adapter_parameters(model: nn.Module, adapter_name: str, buffers: bool = Fals
             if adapter_name not in holder:
                 continue
             entry = holder[adapter_name]
+            prefix = module_name if attr == "modules_to_save" else f"{module_name}.{attr}"
             if isinstance(entry, nn.Parameter):
-                out[f"{module_name}.{attr}.{adapter_name}"] = entry
+                out[prefix] = entry
             else:
                 tensors = [*entry.named_parameters(), *(entry.named_buffers() if buffers else [])]
                 for pname, p in tensors:
-                    out[f"{module_name}.{attr}.{adapter_name}.{pname}"] = p
+                    out[f"{prefix}.{pname}"] = p
     return out
 
 
-def set_trainable(model: nn.Module, adapter_name: str) -> None:
-    """Freeze everything, then unfreeze the parameters of one adapter."""
+def set_trainable(model: nn.Module, adapter_names: list[str]) -> None:
+    """Freeze everything, then unfreeze the parameters of the named adapters."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in adapter_parameters(model, adapter_name).values():
-        p.requires_grad_(True)
+    for name in adapter_names:
+        for p in adapter_parameters(model, name).values():
+            p.requires_grad_(True)
 
 
 def set_active(model: nn.Module, names: list[str]) -> None:

@@ -2,8 +2,9 @@
 `ModulesToSaveWrapper` (a trainable copy of a whole module, e.g. a new head).
 
 Merge, unmerge and disable are written once here, over each method's
-`delta_weight(name)`; a method only says what its update is. GPT-2's `Conv1D`, which
-stores its weight transposed as (in, out), is handled here and nowhere else.
+`delta_weight(name)`; a method only says what its update is, as a matrix in nn.Linear's
+layout, and `core/layer_types.py` lays it out as each layer type stores its weight (GPT-2's
+transposed `Conv1D`, embeddings, convolutions).
 Taught in chapter 02.
 """
 
@@ -13,38 +14,10 @@ import copy
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from . import layer_types
 from .targets import is_linear
-
-
-class AdapterWrapper(nn.Module):
-    """Anything that wraps a base module and holds adapters keyed by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.active_adapters: list[str] = ["default"]  # which adapters run in forward
-        self.disabled = False  # True inside PeftModel.disable_adapter()
-        self.row_adapters: list[str] | None = None  # mixed batch: one adapter name per row (PeftModel.forward)
-
-    def adapter_names(self) -> list[str]:
-        raise NotImplementedError
-
-    def delete_adapter(self, name: str) -> None:
-        raise NotImplementedError
-
-
-def rows_of(names: list[str], x: torch.Tensor) -> dict[str, list[int]]:
-    """Mixed batch: the rows of x that use each adapter name (one name per row)."""
-    if x.shape[0] != len(names):
-        raise ValueError(
-            f"mixed batch: {len(names)} adapter names for an input of shape {tuple(x.shape)}; "
-            f"give one adapter name (or '__base__') per row, {x.shape[0]} here"
-        )
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        groups.setdefault(name, []).append(i)
-    return groups
+from .wrapper import AdapterWrapper, rows_of
 
 
 def innermost(module: nn.Module) -> nn.Module:
@@ -55,23 +28,20 @@ def innermost(module: nn.Module) -> nn.Module:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of nn.Linear or Conv1D (whose weight is (in, out))."""
-    module = innermost(module)
-    if isinstance(module, Conv1D):
-        d_in, d_out = module.weight.shape
-        return d_in, d_out
-    if is_linear(module):  # nn.Linear, or a linear stored in another form (chapter 09)
-        return module.in_features, module.out_features
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    """(d_in, d_out) of the adaptable layer under any wrappers: features, channels, or
+    (num_embeddings, embedding_dim) (core/layer_types.py)."""
+    return layer_types.features(innermost(module))
 
 
 def check_rank(layer: TunerLayer, r: int, method: str) -> None:
-    """A rank above min(d_in, d_out) adds parameters but no expressiveness: refuse it."""
-    limit = min(layer.in_features, layer.out_features)
+    """A rank above min(d_out, fan_in) of the weight matrix adds parameters but no expressiveness: refuse it."""
+    d_out, fan_in = layer_types.matrix_shape(innermost(layer))
+    limit = min(d_out, fan_in)
     if r > limit:
         raise ValueError(
-            f"{method} rank r={r} exceeds min(d_in, d_out) = min({layer.in_features}, {layer.out_features}) "
-            f"of this layer; a rank above that adds parameters but no expressiveness. Use r <= {limit}"
+            f"{method} rank r={r} exceeds min(d_out, fan_in) = min({d_out}, {fan_in}) of this "
+            f"{type(innermost(layer)).__name__}; a rank above that adds parameters but no expressiveness. "
+            f"Use r <= {limit}"
         )
 
 
@@ -82,8 +52,8 @@ class TunerLayer(AdapterWrapper):
     - `apply_adapter(x, result, name)`: the adapted output, given the input and the
       output so far (additive methods return `result + ...`, (IA)^3 `result * ...`);
     - `delta_weight(name)`, only if the method can merge: the update in nn.Linear
-      layout (out, in), so that the merged weight is W + delta_weight; and `delta_bias(name)`
-      if the method also changes the base bias (chapter 06).
+      layout (d_out, fan_in) (core/layer_types.py), so that the merged weight is W + delta_weight;
+      and `delta_bias(name)` if the method also changes the base bias (chapter 06).
     """
 
     # Attributes that are dicts keyed by adapter name (saved, deleted, made trainable).
@@ -91,15 +61,32 @@ class TunerLayer(AdapterWrapper):
     # True: merge() keeps the base entries it overwrites and unmerge() puts them back bit-exactly
     # (cheap when the update is sparse or a vector, chapter 06); False: unmerge() subtracts.
     exact_unmerge: bool = False
+    # What this layer can wrap (the innermost base module); None: any module (adapters wrap whole blocks).
+    # With nn.Linear listed, every linear `is_linear` knows is accepted too (chapter 09's 4-bit base).
+    base_types: tuple[type[nn.Module], ...] | None = None
+
+    @classmethod
+    def can_wrap(cls, module: nn.Module) -> bool:
+        base = innermost(module)
+        if cls.base_types is None or isinstance(base, cls.base_types):
+            return True
+        return nn.Linear in cls.base_types and is_linear(base)
+
+    @classmethod
+    def wraps(cls) -> str:
+        """The module types this layer can wrap, for error messages."""
+        if cls.base_types is None:
+            return "any module"
+        return ", ".join(t.__name__ for t in cls.base_types)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        # Linear layers have (in, out) features; a method may also wrap a whole block (adapters).
-        linear = is_linear(innermost(base_layer))
-        self.in_features, self.out_features = linear_shape(base_layer) if linear else (None, None)
-        # Conv1D computes x @ W with W of shape (in, out): its update is stored transposed.
-        self.fan_in_fan_out = isinstance(innermost(base_layer), Conv1D)
+        # Layers have (in, out) features (core/layer_types.py); a method may also wrap a whole block (adapters).
+        adaptable = layer_types.is_adaptable(innermost(base_layer))
+        self.in_features, self.out_features = linear_shape(base_layer) if adaptable else (None, None)
+        # peft's flag for GPT-2's Conv1D, which stores W as (in, out); methods record it in their config.
+        self.fan_in_fan_out = layer_types.is_gpt2_conv1d(innermost(base_layer))
         self.merged_adapters: list[str] = []
         self._kept: dict[str, list] = {}  # with exact_unmerge: the base entries each merge overwrote
 
@@ -122,6 +109,11 @@ class TunerLayer(AdapterWrapper):
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def contribution(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """What adapter `name` changes in `result` (the output so far, from input x): the term a gate or a
+        weighted sum scales (the hybrid methods). For an additive method, its update s B A x."""
+        return self.apply_adapter(x, result, name) - result
+
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
 
@@ -136,8 +128,8 @@ class TunerLayer(AdapterWrapper):
         if delta is not None and hasattr(base, "add_to_weight"):
             base.add_to_weight(sign * delta)  # (out, in); a 4-bit base re-rounds the sum (chapter 09)
         elif delta is not None:
-            delta = delta.to(base.weight.dtype)  # (out, in)
-            base.weight.data += sign * (delta.T if self.fan_in_fan_out else delta)
+            delta = delta.to(base.weight.dtype)  # (d_out, fan_in)
+            base.weight.data += sign * layer_types.to_stored(base, delta)  # as the base stores it
         bias = self.delta_bias(name)
         if bias is not None:
             base.bias.data += sign * bias.to(base.bias.dtype)  # (out,)
@@ -145,8 +137,8 @@ class TunerLayer(AdapterWrapper):
     def _entries_to_restore(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(base parameter, flat indices, values there) for every entry a merge of `name` will change."""
         base, weight, bias = innermost(self), self.delta_weight(name), self.delta_bias(name)
-        if weight is not None and self.fan_in_fan_out:
-            weight = weight.T  # Conv1D layout (in, out)
+        if weight is not None:
+            weight = layer_types.to_stored(base, weight)  # e.g. Conv1D's (in, out)
         kept = []
         for param, delta in ((base.weight, weight), (getattr(base, "bias", None), bias)):
             if delta is not None:

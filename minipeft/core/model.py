@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .config import REGISTRY, PeftConfig
-from .inject import adapter_parameters, replace_module, set_active, set_trainable, wrap_modules_to_save
+from .inject import adapter_parameters, inject_adapter, replace_module, set_active, set_trainable
 from .io import load_adapter_files, save_adapter
-from .layers import AdapterWrapper, ModulesToSaveWrapper, TunerLayer
+from .layers import ModulesToSaveWrapper, TunerLayer
+from .wrapper import AdapterWrapper
 
 PREFIX = "base_model.model."
 BASE_ROW = "__base__"  # in a mixed batch, the rows that run the base model alone (peft's name)
@@ -34,21 +35,25 @@ class TunerModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def saved_key(internal: str, adapter_name: str) -> str:
-    """peft's file key: drop the adapter name (and the `modules_to_save` level)."""
-    key = internal.replace(f".modules_to_save.{adapter_name}.", ".")
-    return PREFIX + key.replace(f".{adapter_name}.", ".").removesuffix(f".{adapter_name}")
-
-
 class PeftModel(nn.Module):
-    """A model with one or more named adapters; `get_peft_model` builds it."""
+    """A model with one or more named adapters, of any methods; `get_peft_model` builds it.
+
+    Several adapters can be active at once (`set_adapter(["a", "b"])`): each wrapped layer applies its
+    active adapters in the order of `active_adapters`, each to the output of the one before (a layer
+    wrapped twice applies the inner wrapper's adapters first), and each active prompt-style adapter
+    rewrites the inputs in that order. All active adapters train."""
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapter = adapter_name
+        self.active_adapters: list[str] = [adapter_name]
         self.add_adapter(adapter_name, config)
+
+    @property
+    def active_adapter(self) -> str:
+        """The active adapter's name (the first one, when several are active)."""
+        return self.active_adapters[0]
 
     def __getattr__(self, name: str):
         try:
@@ -67,8 +72,10 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def _prepare_inputs(self, kwargs: dict, generating: bool = False) -> dict:
-        """Let the active adapter's method rewrite the inputs (prompt methods add virtual tokens)."""
-        return REGISTRY[self.peft_config[self.active_adapter].peft_type].prepare_inputs(self, kwargs, generating)
+        """Let each active adapter's method rewrite the inputs in turn (prompt methods add virtual tokens)."""
+        for name in self.active_adapters:
+            kwargs = REGISTRY[self.peft_config[name].peft_type].prepare_inputs(self, kwargs, name, generating)
+        return kwargs
 
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """The base model's `generate` with the active adapter. Leading columns a method added to
@@ -84,32 +91,33 @@ class PeftModel(nn.Module):
 
     # -- adapters -------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
-        """Inject a new named adapter; the active adapter does not change (except the first)."""
+        """Inject a new named adapter; the active adapters do not change (except for the first adapter).
+        The config stored in `peft_config` is the one resolved against this model; the caller's is untouched."""
         if not isinstance(config, PeftConfig) or config.peft_type not in REGISTRY:
             raise TypeError(f"expected a minipeft config ({sorted(REGISTRY)}), got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter names are non-empty strings without '.', got {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already: {sorted(self.peft_config)}")
-        REGISTRY[config.peft_type].inject(self.base_model.model, config, adapter_name)
-        wrap_modules_to_save(self.base_model.model, config.modules_to_save, adapter_name)
-        self.peft_config[adapter_name] = config
-        if adapter_name == self.active_adapter:
-            self.set_adapter(adapter_name)
+        self.peft_config[adapter_name] = inject_adapter(self.base_model.model, config, adapter_name)
+        self.set_adapter(self.active_adapters)  # the new adapter's wrappers learn which adapters run
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make one adapter the one that runs and trains."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
-        self.active_adapter = adapter_name
-        set_active(self.base_model.model, [adapter_name])
-        set_trainable(self.base_model.model, adapter_name)
-        if self.peft_config[adapter_name].inference_mode:
-            for p in self.parameters():
-                p.requires_grad_(False)
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter, or several (a list, applied in its order), the ones that run and train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"set_adapter needs one name or a list of distinct names, got {adapter_name!r}")
+        self.active_adapters = names
+        set_active(self.base_model.model, names)
+        set_trainable(self.base_model.model, [n for n in names if not self.peft_config[n].inference_mode])
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
-        if adapter_name == self.active_adapter:
+        if adapter_name in self.active_adapters:
             raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() another one before deleting it")
         for module in self._wrappers():
             if adapter_name in module.adapter_names():
@@ -137,10 +145,11 @@ class PeftModel(nn.Module):
     def _tuner_layers(self) -> list[TunerLayer]:
         return [m for m in self._wrappers() if isinstance(m, TunerLayer)]
 
-    def merge_adapter(self) -> None:
-        """Fold the active adapter into the base weights (forward then costs nothing extra)."""
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the named adapters (default: the active ones) into the base weights: forward then costs
+        nothing extra."""
         for layer in self._tuner_layers():
-            layer.merge()
+            layer.merge(adapter_names)
 
     def unmerge_adapter(self) -> None:
         for layer in self._tuner_layers():
@@ -202,7 +211,7 @@ class PeftModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under peft's file keys (nothing of the base model)."""
         name = adapter_name or self.active_adapter
-        return {saved_key(k, name): p for k, p in adapter_parameters(self.base_model.model, name, buffers=True).items()}
+        return {PREFIX + k: p for k, p in adapter_parameters(self.base_model.model, name, buffers=True).items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter as peft does: "default" at the top, others in a sub-directory."""

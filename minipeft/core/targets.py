@@ -14,6 +14,9 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .architectures import model_type
+from .wrapper import AdapterWrapper
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
@@ -38,14 +41,15 @@ def _matches(name: str, target: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
-def find_targets(model: nn.Module, target: list[str] | str | None, default: list[str] | None = None) -> list[str]:
-    """Return the names of the modules to adapt, or raise a ValueError that lists what exists."""
+def find_targets(model: nn.Module, target: list[str] | str | None, default: list[str] | str | None = None) -> list[str]:
+    """Return the names of the modules to adapt (`default` when target is None: a method's default
+    targets for this architecture), or raise a ValueError that lists what exists."""
     if target is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         if default is None:
             raise ValueError(
-                f"target_modules=None but minipeft has no default targets for model_type={model_type!r}; "
-                f"pass target_modules, e.g. {sorted(n for n, m in model.named_modules() if is_linear(m))[:6]}"
+                f"target_modules=None but minipeft has no default targets for model_type={model_type(model)!r} "
+                f"(core/architectures.py lists the known families); pass target_modules, e.g. "
+                f"{sorted(n for n, m in model.named_modules() if is_linear(m))[:6]}"
             )
         target = default
     inner = _inside_wrappers(model)
@@ -67,9 +71,7 @@ def find_targets(model: nn.Module, target: list[str] | str | None, default: list
 def _inside_wrappers(model: nn.Module) -> set[str]:
     """Names of modules inside an adapter wrapper (its base layer, its adapters): never targets.
 
-    The wrapper itself stays a target, so a wrapped layer can be wrapped again (chapter 08).
+    The wrapper itself stays a target, so a wrapped layer can be wrapped again (methods compose).
     """
-    from .layers import AdapterWrapper
-
     wrappers = [n for n, m in model.named_modules() if isinstance(m, AdapterWrapper)]
     return {n for n, _ in model.named_modules() if any(n.startswith(w + ".") for w in wrappers)}

@@ -46,11 +46,10 @@ class NF4Config:
 
     def targets(self, model: nn.Module, peft_config: PeftConfig) -> list[str]:
         """Names of the linears to quantize (never a module trained in full, `modules_to_save`)."""
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        default = REGISTRY[peft_config.peft_type].default_targets.get(model_type)
-        trained = peft_config.modules_to_save or []
-        names = find_targets(model, self.target_modules or peft_config.target_modules, default)
-        return [n for n in names if not any(n == t or n.endswith("." + t) for t in trained)]
+        method = REGISTRY[peft_config.peft_type]
+        names = find_targets(model, self.target_modules) if self.target_modules else method.targets(model, peft_config)
+        trained = set(find_targets(model, peft_config.modules_to_save)) if peft_config.modules_to_save else set()
+        return [n for n in names if n not in trained]
 
     def quantize(self, model: nn.Module, peft_config: PeftConfig) -> None:
         """Replace the chosen linears of `model` by `Linear4bit`, in place."""

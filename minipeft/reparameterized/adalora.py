@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.config import Method, PeftConfig, register
 from ..core.layers import TunerLayer, check_rank
+from ..core.targets import LINEAR_TYPES
 from .lora import LORA
 
 
@@ -80,6 +81,7 @@ class AdaLoraLayer(TunerLayer):
     """One base linear with named AdaLoRA adapters in SVD form."""
 
     adapter_layer_names = ("lora_A", "lora_E", "lora_B", "lora_dropout")
+    base_types = LINEAR_TYPES
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -98,7 +100,6 @@ class AdaLoraLayer(TunerLayer):
         )
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.scaling[name] = config.lora_alpha / r
-        config.fan_in_fan_out |= self.fan_in_fan_out  # recorded for peft
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self.scaling[name]  # (d_out, d_in)
@@ -188,4 +189,4 @@ class RankAllocator:
         return budget
 
 
-ADALORA = register(Method(AdaLoraConfig, AdaLoraLayer, default_targets=LORA.default_targets))
+ADALORA = register(Method(AdaLoraConfig, AdaLoraLayer, default_roles=LORA.default_roles))

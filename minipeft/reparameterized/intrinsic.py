@@ -25,6 +25,7 @@ own rows of P theta_d, so its update merges like LoRA's. Not in HF peft.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,9 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import Method, PeftConfig, register
-from ..core.inject import replace_module
-from ..core.layers import TunerLayer
-from ..core.targets import find_targets
+from ..core.layers import TunerLayer, linear_shape
+from ..core.targets import LINEAR_TYPES
 
 
 @dataclass
@@ -102,6 +102,7 @@ class IntrinsicLayer(TunerLayer):
     """One base linear whose weight moves along its rows of P theta_d."""
 
     adapter_layer_names = ("intrinsic_theta",)  # only the owner layer holds theta_d here
+    base_types = LINEAR_TYPES
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -112,7 +113,13 @@ class IntrinsicLayer(TunerLayer):
     def adapter_names(self) -> list[str]:
         return list(self.fastfood.keys())
 
-    def add_adapter(self, name: str, config: IntrinsicConfig, theta: nn.Parameter, seed: int, owner: bool) -> None:
+    def add_adapter(self, name: str, config: IntrinsicConfig) -> None:
+        """This layer's rows of P, from its own seed (`config.projection_prng_key` and its place among the
+        adapter's layers, which `IntrinsicMethod.link` gives it with theta_d)."""
+        self.fastfood[name] = nn.Module()  # a placeholder: the adapter spans layers, `link` builds it
+
+    def attach(self, name: str, config: IntrinsicConfig, theta: nn.Parameter, seed: int, owner: bool) -> None:
+        """Read the shared theta_d (and hold it, if this is the first layer) through this layer's rows of P."""
         size = self.in_features * self.out_features
         self.fastfood[name] = Fastfood(config.intrinsic_dim, size, seed).to(self.weight.device)
         self.theta[name] = theta
@@ -121,7 +128,8 @@ class IntrinsicLayer(TunerLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        del self.fastfood[name], self.theta[name]
+        del self.fastfood[name]
+        self.theta.pop(name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         flat = self.fastfood[name](self.theta[name])  # (d_out * d_in,)
@@ -133,43 +141,29 @@ class IntrinsicLayer(TunerLayer):
 
 
 class IntrinsicMethod(Method):
-    """Wrap every target, then give all of them one shared theta_d and their own blocks of P."""
+    """One shared theta_d for every targeted layer, each with its own blocks of P."""
 
-    def inject(self, model: nn.Module, config: IntrinsicConfig, adapter_name: str) -> None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        layers = []
-        for name in find_targets(model, config.target_modules, self.default_targets.get(model_type)):
-            module = model.get_submodule(name)
-            if not isinstance(module, IntrinsicLayer):
-                module = IntrinsicLayer(module)
-                replace_module(model, name, module)
-            if adapter_name in module.adapter_names():
-                raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
-            layers.append(module)
-        size = sum(layer.in_features * layer.out_features for layer in layers)
+    def resolve(self, model: nn.Module, config: IntrinsicConfig) -> IntrinsicConfig:
+        """Record D, the number of projected weights; an adapter trained on a base of another shape is refused."""
+        size = 0
+        for name in self.targets(model, config):
+            d_in, d_out = linear_shape(model.get_submodule(name))
+            size += d_in * d_out
         if config.projected_size not in (None, size):
             raise ValueError(
                 f"IntrinsicConfig.projected_size={config.projected_size}, but the targeted weights of this model "
                 f"hold {size}: the adapter was trained on a base of another shape, where its subspace means nothing"
             )
-        config.projected_size = size
-        weight = layers[0].weight
-        theta = torch.zeros(config.intrinsic_dim, device=weight.device, dtype=weight.dtype)  # (d,)
+        return dataclasses.replace(config, projected_size=size)
+
+    def link(self, model: nn.Module, config: IntrinsicConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
+        first = next(iter(layers.values()))
+        theta = torch.zeros(config.intrinsic_dim, device=first.weight.device, dtype=first.weight.dtype)  # (d,)
         theta = nn.Parameter(theta if config.init_weights else theta.normal_(std=0.1))
-        for i, layer in enumerate(layers):
-            layer.add_adapter(
-                adapter_name, config, theta, seed=config.projection_prng_key * 1_000_003 + i, owner=i == 0
-            )
+        for i, layer in enumerate(layers.values()):
+            seed = config.projection_prng_key * 1_000_003 + i
+            layer.attach(adapter_name, config, theta, seed=seed, owner=i == 0)
 
 
-INTRINSIC = register(
-    IntrinsicMethod(
-        IntrinsicConfig,
-        IntrinsicLayer,
-        default_targets={
-            "gpt2": ["c_attn", "c_proj", "c_fc"],
-            "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "bert": ["query", "key", "value", "dense"],
-        },
-    )
-)
+# Li et al. and Aghajanyan et al. project every weight matrix of the network.
+INTRINSIC = register(IntrinsicMethod(IntrinsicConfig, IntrinsicLayer, default_roles=("linear",)))

@@ -9,8 +9,9 @@ The Hadamard product of two rank-r matrices can have rank up to r^2, so LoHa rea
 higher-rank update than LoRA for 2x LoRA's parameters, 2 r (d_in + d_out) per matrix.
 W2b starts at zero, so the model starts at the base model. The update has no cheap factored
 form, so the forward pass builds Delta W (d_out x d_in) once per call.
-Parameter names are HF peft's (`hada_w1_a`, ...), so files load in peft (which adapts
-nn.Linear only; minipeft also adapts GPT-2's Conv1D).
+Parameter names are HF peft's (`hada_w1_a`, ...), so files load in peft. A convolution's
+update is the same matrix with d_in = in_channels * kernel size (peft's layout without
+`use_effective_conv2d`), applied as a convolution; minipeft also adapts GPT-2's Conv1D.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from ..core import layer_types
 from ..core.config import Method, PeftConfig, register
-from ..core.layers import TunerLayer, check_rank
+from ..core.layers import TunerLayer, check_rank, innermost
 from .lora import LORA
 
 
@@ -44,9 +46,10 @@ class LoHaConfig(PeftConfig):
 
 
 class LoHaLayer(TunerLayer):
-    """One base linear with named LoHa adapters."""
+    """One base layer (a linear or a convolution) with named LoHa adapters."""
 
     adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    base_types = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)  # peft's, and GPT-2's Conv1D
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -57,7 +60,8 @@ class LoHaLayer(TunerLayer):
     def add_adapter(self, name: str, config: LoHaConfig) -> None:
         check_rank(self, config.r, "LoHa")
         weight, r = self.weight, config.r
-        shapes = {"a": (self.out_features, r), "b": (r, self.in_features)}
+        d_out, fan_in = layer_types.matrix_shape(innermost(self))  # a convolution's fan_in: in * kernel size
+        shapes = {"a": (d_out, r), "b": (r, fan_in)}
         for attr in self.adapter_layer_names:
             empty = torch.empty(shapes[attr[-1]], device=weight.device, dtype=weight.dtype)
             getattr(self, attr)[name] = nn.Parameter(empty)
@@ -67,13 +71,14 @@ class LoHaLayer(TunerLayer):
         self.scaling[name] = config.alpha / r
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        first = self.hada_w1_a[name] @ self.hada_w1_b[name]  # (d_out, d_in), rank <= r
-        second = self.hada_w2_a[name] @ self.hada_w2_b[name]  # (d_out, d_in), rank <= r
-        return first * second * self.scaling[name]  # (d_out, d_in), rank <= r^2
+        first = self.hada_w1_a[name] @ self.hada_w1_b[name]  # (d_out, fan_in), rank <= r
+        second = self.hada_w2_a[name] @ self.hada_w2_b[name]  # (d_out, fan_in), rank <= r
+        return first * second * self.scaling[name]  # (d_out, fan_in), rank <= r^2
 
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
-        delta = self.delta_weight(name)  # (d_out, d_in)
-        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)  # (..., d_out)
+        delta = self.delta_weight(name)  # (d_out, fan_in)
+        update = layer_types.apply_weight(innermost(self), x.to(delta.dtype), delta)  # as the base applies W
+        return result + update.to(result.dtype)  # (..., d_out) or (B, d_out, *spatial)
 
 
-LOHA = register(Method(LoHaConfig, LoHaLayer, default_targets=LORA.default_targets))
+LOHA = register(Method(LoHaConfig, LoHaLayer, default_roles=LORA.default_roles))

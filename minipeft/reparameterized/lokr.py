@@ -10,9 +10,10 @@ Each of d_in and d_out is split into two factors (the pair closest to its square
 size, and so is W1 when `decompose_both`. A Kronecker product's rank is the product of its
 factors' ranks, so a few hundred parameters give a full-rank update.
 
-The update is never built in the forward pass: with x viewed as a (c, d) matrix X,
-(W1 ⊗ W2) x = vec(W1 X W2^T), two small matrix products. W1 starts at zero (identity at init).
-Parameter names are HF peft's (`lokr_w1`, `lokr_w2_a`, ...).
+For a linear layer the update is never built in the forward pass: with x viewed as a (c, d)
+matrix X, (W1 ⊗ W2) x = vec(W1 X W2^T), two small matrix products. A convolution splits its input
+channels (d_in = c d) and puts its kernel into W2 (b, d * k); its update is built and convolved.
+W1 starts at zero (identity at init). Parameter names and shapes are HF peft's (`lokr_w1`, ...).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from ..core import layer_types
 from ..core.config import Method, PeftConfig, register
-from ..core.layers import TunerLayer
+from ..core.layers import TunerLayer, innermost
 from .lora import LORA
 
 
@@ -67,9 +70,11 @@ def factorize(dim: int, factor: int, what: str) -> tuple[int, int]:
 
 
 class LoKrLayer(TunerLayer):
-    """One base linear with named LoKr adapters; each factor is full (`lokr_w1`) or low-rank (`_a`, `_b`)."""
+    """One base layer (a linear or a convolution) with named LoKr adapters; each factor is full (`lokr_w1`)
+    or low-rank (`_a`, `_b`). A convolution's kernel goes into W2: (b, d, *kernel), or W2b (r, d * k)."""
 
     adapter_layer_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    base_types = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)  # peft's, and GPT-2's Conv1D
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -82,34 +87,49 @@ class LoKrLayer(TunerLayer):
         return [*self.lokr_w1.keys(), *self.lokr_w1_a.keys()]
 
     def add_adapter(self, name: str, config: LoKrConfig) -> None:
-        a, b = factorize(self.out_features, config.decompose_factor, "d_out")
-        c, d = factorize(self.in_features, config.decompose_factor, "d_in")
+        base = innermost(self)
+        kernel = layer_types.kernel_size(base)  # () for a linear
+        d_out, fan_in = layer_types.matrix_shape(base)  # fan_in = d_in (/ groups) * kernel size
+        a, b = factorize(d_out, config.decompose_factor, "d_out")
+        c, d = factorize(fan_in // math.prod(kernel), config.decompose_factor, "d_in")
         r, weight = config.r, self.weight
         self.factors[name], self.scaling[name] = (a, b, c, d), config.alpha / r
 
-        def new(attr: str, shape: tuple[int, int]) -> None:
+        def new(attr: str, shape: tuple[int, ...]) -> None:
             getattr(self, attr)[name] = nn.Parameter(torch.empty(shape, device=weight.device, dtype=weight.dtype))
             nn.init.kaiming_uniform_(getattr(self, attr)[name], a=math.sqrt(5))
 
+        k = math.prod(kernel)
         for i, (rows, cols, low_rank) in enumerate([(a, c, config.decompose_both), (b, d, True)], start=1):
             if low_rank and r < max(rows, cols) / 2:  # a rank-r product is smaller than the full factor
                 new(f"lokr_w{i}_a", (rows, r))
-                new(f"lokr_w{i}_b", (r, cols))
+                new(f"lokr_w{i}_b", (r, cols * (k if i == 2 else 1)))  # W2b: (r, d * k)
             else:
-                new(f"lokr_w{i}", (rows, cols))
+                new(f"lokr_w{i}", (rows, cols, *(kernel if i == 2 else ())))  # W2: (b, d, *kernel)
         if config.init_weights:  # W1 = 0 (or its first factor): Delta W = 0
             nn.init.zeros_(self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name])
 
     def factor(self, i: int, name: str) -> torch.Tensor:
-        """W1 (a, c) or W2 (b, d), from its low-rank product when it has one."""
+        """W1 (a, c) or W2 (b, d * k), from its low-rank product when it has one."""
         if name in getattr(self, f"lokr_w{i}"):
-            return getattr(self, f"lokr_w{i}")[name]
+            full = getattr(self, f"lokr_w{i}")[name]
+            return full.reshape(full.shape[0], -1)  # a convolution's (b, d, *kernel) as (b, d * k)
         return getattr(self, f"lokr_w{i}_a")[name] @ getattr(self, f"lokr_w{i}_b")[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return torch.kron(self.factor(1, name), self.factor(2, name)) * self.scaling[name]  # (a b, c d)
+        w1, w2 = self.factor(1, name), self.factor(2, name)  # (a, c), (b, d k)
+        if name in self.lokr_w2 and self.lokr_w2[name].dim() == 3:
+            # peft's file format for a full W2 (b, d, k) of an nn.Conv1d: kron((1, a, c), W2) is (b, a d, c k),
+            # read as the weight (a b, c d, k). Another layout than Conv2d's; files must mean the same.
+            w2, b = self.lokr_w2[name], self.lokr_w2[name].shape[0]
+            return torch.kron(w1[None], w2).reshape(w1.shape[0] * b, -1) * self.scaling[name]
+        return torch.kron(w1, w2) * self.scaling[name]  # (a b, c d k)
 
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        base = innermost(self)
+        if layer_types.is_conv(base):  # build Delta W and convolve as the base does
+            delta = self.delta_weight(name)  # (d_out, fan_in)
+            return result + layer_types.apply_weight(base, x.to(delta.dtype), delta).to(result.dtype)
         a, b, c, d = self.factors[name]
         w1, w2 = self.factor(1, name), self.factor(2, name)  # (a, c), (b, d)
         grid = x.to(w1.dtype).reshape(*x.shape[:-1], c, d)  # (..., c, d)
@@ -118,4 +138,4 @@ class LoKrLayer(TunerLayer):
         return result + (update * self.scaling[name]).to(result.dtype)
 
 
-LOKR = register(Method(LoKrConfig, LoKrLayer, default_targets=LORA.default_targets))
+LOKR = register(Method(LoKrConfig, LoKrLayer, default_roles=LORA.default_roles))

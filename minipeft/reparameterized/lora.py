@@ -18,11 +18,14 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .. import kernels
+from ..core import layer_types
 from ..core.config import Method, PeftConfig, register
-from ..core.layers import TunerLayer, check_rank
+from ..core.layers import TunerLayer, check_rank, innermost
+from ..core.targets import is_linear
 from . import dora
+from . import lora_kernels as kernels
 from .init import pissa_init
 
 
@@ -70,46 +73,87 @@ class LoraConfig(PeftConfig):
 
 
 class LoraLayer(TunerLayer):
-    """One base linear (nn.Linear or Conv1D) with named LoRA adapters."""
+    """One base layer with named LoRA adapters. Linear, Conv1D and convolutions keep A and B as modules
+    (A: the base's kernel and stride, B: pointwise); an embedding keeps them as matrices, under peft's
+    names `lora_embedding_A` (r, num_embeddings) and `lora_embedding_B` (dim, r)."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    base_types = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.kernel: dict[str, str] = {}  # LoraConfig.kernel per adapter
 
+    def adapter_names(self) -> list[str]:
+        return [*self.lora_A, *self.lora_embedding_A]
+
     def add_adapter(self, name: str, config: LoraConfig) -> None:
-        r = config.r
+        r, base = config.r, innermost(self)
         check_rank(self, r, "LoRA")
-        weight = self.weight
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=weight.dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=weight.dtype)
-        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        if getattr(base, "groups", 1) > 1:
+            raise ValueError(f"LoRA on a grouped {type(base).__name__} (groups={base.groups}) cannot merge; "
+                             "minipeft adapts convolutions with groups=1 only")  # fmt: skip
+        if config.init_lora_weights == "pissa" and not is_linear(base):
+            raise ValueError(f"init_lora_weights='pissa' needs a linear layer, got {type(base).__name__}")
+        if isinstance(base, nn.Embedding):
+            make = dict(device=base.weight.device, dtype=base.weight.dtype)
+            self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.in_features, **make))  # (r, num_embeddings)
+            self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, r, **make))  # (dim, r)
+        else:
+            self.lora_A[name] = layer_types.down_projection(base, r)  # d_in -> r with the base's kernel, stride
+            self.lora_B[name] = layer_types.up_projection(base, r)  # r -> d_out, pointwise
+        # Dropout acts on the adapter's input; an embedding's input is indices, which peft does not drop.
+        dropout = config.lora_dropout > 0 and not isinstance(base, nn.Embedding)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if dropout else nn.Identity()
         self.scaling[name] = config.scaling
         self.kernel[name] = config.kernel
-        config.fan_in_fan_out |= self.fan_in_fan_out  # recorded for peft, which reads it from the file
         self.reset_lora(name, config.init_lora_weights)
         if config.use_dora:
             dora.init_magnitude(self, name)
 
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r, fan_in) and B (d_out, r) as matrices in nn.Linear's layout (a convolution's A flattened)."""
+        if name in self.lora_embedding_A:
+            return self.lora_embedding_A[name], self.lora_embedding_B[name]
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
     @torch.no_grad()
     def reset_lora(self, name: str, init: bool | str) -> None:
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if init == "pissa":
             return pissa_init(self, name)
+        a, b = self.factors(name)  # views of the stored tensors
+        if name in self.lora_embedding_A:  # peft: A = 0, B ~ N(0, 1); both random without init
+            nn.init.normal_(b)
+            return nn.init.normal_(a) if init is False else nn.init.zeros_(a)
         if init == "gaussian":
-            nn.init.normal_(a, std=1.0 / self.lora_A[name].out_features)
+            nn.init.normal_(a, std=1.0 / a.shape[0])
         else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's own default
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # nn.Linear's own default
         if init is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_B[name].weight, a=math.sqrt(5))
         else:
             nn.init.zeros_(b)
+
+    def adapter_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """What the adapter sees: x after dropout, in the adapter's dtype (an embedding's indices as they are)."""
+        if name in self.lora_embedding_A:
+            return x
+        return self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
+
+    def lora_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s B A x for an adapter input x: A applied the way the base applies W (a lookup, a convolution),
+        then B on every position's r features."""
+        a, b = self.factors(name)  # (r, fan_in), (d_out, r)
+        low = layer_types.apply_weight(innermost(self), x, a)  # (..., r) or (B, r, *spatial)
+        return layer_types.apply_pointwise(innermost(self), low, b) * self.scaling[name]  # d_out features
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fused = kernels.lora_forward(self, x, extra=bool(args or kwargs))  # None: take the torch path
@@ -122,21 +166,15 @@ class LoraLayer(TunerLayer):
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         if name in self.lora_magnitude_vector:
             return dora.apply(self, x, result, name)
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(lora_a.weight.dtype))  # (..., d_in)
-        update = lora_b(lora_a(x)) * self.scaling[name]  # (..., r) -> (..., d_out)
+        update = self.lora_update(self.adapter_input(x, name), name)  # (..., d_out) or (B, d_out, *spatial)
         return result + update.to(result.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         if name in self.lora_magnitude_vector:
             return dora.delta_weight(self, name)
-        return self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]  # (d_out, d_in)
+        a, b = self.factors(name)
+        return b @ a * self.scaling[name]  # (d_out, fan_in)
 
 
-LORA = register(
-    Method(
-        LoraConfig,
-        LoraLayer,
-        default_targets={"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"]},
-    )
-)
+# Hu et al. adapt W_q and W_v by default (their Table 5: the best pair at a fixed budget).
+LORA = register(Method(LoraConfig, LoraLayer, default_roles=("q", "v")))

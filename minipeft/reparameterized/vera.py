@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import Method, PeftConfig, register
-from ..core.inject import wrap_targets
 from ..core.layers import TunerLayer
+from ..core.targets import LINEAR_TYPES
 from .lora import LORA
 
 
@@ -79,13 +79,14 @@ class VeraLayer(TunerLayer):
     """One base linear with named VeRA adapters: two trainable vectors, a view into the shared A, B."""
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d", "vera_dropout")
+    base_types = LINEAR_TYPES
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
-        # Set by VeraMethod.inject: the same module in every layer (named_modules and .to() see it once).
+        # Set by VeraMethod.link: the same module in every layer (named_modules and .to() see it once).
         # Not an adapter dict on purpose: nothing in it is trained or saved.
         self.vera_projection = nn.ModuleDict()
 
@@ -98,7 +99,6 @@ class VeraLayer(TunerLayer):
             lambda_b, lambda_d = torch.randn(self.out_features, **kwargs), torch.randn(config.r, **kwargs)
         self.vera_lambda_b[name], self.vera_lambda_d[name] = nn.Parameter(lambda_b), nn.Parameter(lambda_d)
         self.vera_dropout[name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
-        config.fan_in_fan_out |= self.fan_in_fan_out  # recorded for peft
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
@@ -122,15 +122,14 @@ class VeraLayer(TunerLayer):
 
 
 class VeraMethod(Method):
-    """Wrap the targets, then give them one shared projection sized for the largest layer."""
+    """One projection shared by every layer of the adapter, sized for the largest layer."""
 
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        wrap_targets(model, config, adapter_name, self)
-        layers = [m for m in model.modules() if isinstance(m, VeraLayer) and adapter_name in m.adapter_names()]
+    def link(self, model: nn.Module, config: PeftConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
+        layers = list(layers.values())
         d_in, d_out = max(m.in_features for m in layers), max(m.out_features for m in layers)
         projection = VeraProjection(config.r, d_in, d_out, config.projection_prng_key).to(layers[0].weight.device)
         for layer in layers:
             layer.vera_projection[adapter_name] = projection
 
 
-VERA = register(VeraMethod(VeraConfig, VeraLayer, default_targets=LORA.default_targets))
+VERA = register(VeraMethod(VeraConfig, VeraLayer, default_roles=LORA.default_roles))

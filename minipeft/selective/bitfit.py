@@ -20,7 +20,7 @@ from torch import nn
 from ..core.config import Method, PeftConfig, register
 from ..core.layers import innermost
 from ..core.targets import find_targets
-from .deltas import DeltaLayer, DenseDelta, add_deltas, outer_modules
+from .deltas import DeltaLayer, DenseDelta, outer_modules
 
 
 @dataclass
@@ -39,8 +39,16 @@ def modules_with_bias(model: nn.Module, exclude: list[str] | None = None) -> lis
     ]
 
 
+class BitFitLayer(DeltaLayer):
+    """A module whose bias gets a trainable delta."""
+
+    def new_entries(self, config: BitFitConfig) -> dict[str, nn.Module]:
+        return {"bias": DenseDelta(innermost(self).bias, config.init_weights)}
+
+
 class BitFitMethod(Method):
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    def targets(self, model: nn.Module, config: BitFitConfig) -> list[str]:
+        """Every module with a bias, or those of `target_modules` (each must have one)."""
         with_bias = modules_with_bias(model, config.modules_to_save)
         if not with_bias:
             raise ValueError(
@@ -55,11 +63,7 @@ class BitFitMethod(Method):
                 f"BitFit trains biases, but {missing[:5]} have none. Modules with a bias: "
                 f"{sorted({n.split('.')[-1] for n in with_bias})}"
             )
-        add_deltas(
-            model,
-            adapter_name,
-            {n: {"bias": DenseDelta(innermost(model.get_submodule(n)).bias, config.init_weights)} for n in names},
-        )
+        return names
 
 
-BITFIT = register(BitFitMethod(BitFitConfig, DeltaLayer))
+BITFIT = register(BitFitMethod(BitFitConfig, BitFitLayer))

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.inject import replace_module
 from ..core.layers import TunerLayer, innermost
 from ..core.targets import _inside_wrappers, find_targets
 
@@ -63,7 +62,9 @@ class SparseDelta(nn.Module):
 
 
 class DeltaLayer(TunerLayer):
-    """One module whose chosen parameters get a delta per adapter (dense or sparse)."""
+    """One module whose chosen parameters get a delta per adapter (dense or sparse). By default every
+    parameter the module holds itself gets a dense delta (LN tuning, partial fine-tuning); a method that
+    chooses otherwise overrides `new_entries`."""
 
     adapter_layer_names = ("selective_delta",)
     exact_unmerge = True  # deltas are sparse or small: keep the overwritten entries instead of subtracting
@@ -72,11 +73,17 @@ class DeltaLayer(TunerLayer):
         super().__init__(base_layer)
         self.selective_delta = nn.ModuleDict()  # {adapter: ModuleDict{parameter name: entry}}
 
-    def add_adapter(self, name: str, entries: dict[str, nn.Module]) -> None:
+    def new_entries(self, config) -> dict[str, nn.Module]:
+        """{parameter name: entry} of a new adapter: a dense delta of each of the module's own parameters."""
+        own = innermost(self).named_parameters(recurse=False)
+        return {p: DenseDelta(t, config.init_weights) for p, t in own}
+
+    def add_adapter(self, name: str, config) -> None:
+        entries = self.new_entries(config)
         unknown = set(entries) - {"weight", "bias"}
         if unknown:
             raise ValueError(f"a DeltaLayer changes `weight` and `bias` only (what merging folds), got {unknown}")
-        self.selective_delta[name] = nn.ModuleDict(entries)
+        self.selective_delta[name] = nn.ModuleDict(entries).train(self.training)
 
     def delta(self, name: str, param_name: str) -> torch.Tensor | None:
         """The dense delta of one base parameter, in that parameter's own layout, as evaluation computes it
@@ -118,19 +125,6 @@ class DeltaLayer(TunerLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         return self.run_with_deltas(x, names, *args, **kwargs)  # one pass, not base + a second pass
-
-
-def add_deltas(model: nn.Module, adapter_name: str, entries: dict[str, dict[str, nn.Module]]) -> None:
-    """Give each named module (wrapped in a DeltaLayer once) this adapter's entries {parameter: entry}."""
-    for module_name, module_entries in entries.items():
-        module = model.get_submodule(module_name)
-        if not isinstance(module, DeltaLayer):
-            module = DeltaLayer(module).train(module.training)
-            replace_module(model, module_name, module)
-        if adapter_name in module.adapter_names():
-            raise ValueError(f"module {module_name!r} already has an adapter named {adapter_name!r}")
-        module.add_adapter(adapter_name, module_entries)
-        module.selective_delta[adapter_name].train(module.training)  # new modules start in training mode
 
 
 def delta_layers(model: nn.Module, adapter_name: str) -> dict[str, DeltaLayer]:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import Method, PeftConfig, register
-from .deltas import DeltaLayer, add_deltas, delta_layers, initial_values
-from .masks import DEFAULT_TARGETS, SparseConfig, inject_sparse, keep_top_k, targeted_weights
+from ..core.config import register
+from ..core.layers import innermost
+from .deltas import DeltaLayer, delta_layers, initial_values
+from .masks import SparseConfig, SparseDeltaLayer, SparseMethod, keep_top_k
 
 # Hard-concrete constants of Louizos et al.: temperature beta and the stretch interval (gamma, zeta).
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
@@ -69,11 +70,11 @@ class _AddL0Gradient(torch.autograd.Function):
 class HardConcreteDelta(nn.Module):
     """delta = z * w for one weight, with a hard-concrete gate z per entry."""
 
-    def __init__(self, param: torch.Tensor, config: DiffPruningConfig, penalty: float) -> None:
+    def __init__(self, param: torch.Tensor, config: DiffPruningConfig, penalty: float = 0.0) -> None:
         super().__init__()
         self.w = initial_values(tuple(param.shape), param, config.init_weights)
         self.log_alpha = nn.Parameter(torch.full_like(param, config.init_log_alpha))
-        self.penalty = penalty  # lambda / N: the L0 weight per entry
+        self.penalty = penalty  # lambda / N, the L0 weight per entry (DiffPruningMethod.link sets it: it knows N)
 
     def gate(self) -> torch.Tensor:
         if not self.training:
@@ -128,18 +129,27 @@ def project_to_budget(model: nn.Module, adapter_name: str | None = None) -> None
     keep_top_k(model, name, {n: d.abs() for n, d in diffs.items()}, values=diffs)
 
 
-class DiffPruningMethod(Method):
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        if config.selected_counts is not None:  # projected already (e.g. loaded from a file): sparse
-            inject_sparse(model, config, adapter_name)
-            return
-        weights = targeted_weights(model, config)
-        total = sum(w.numel() for w in weights.values())
-        config.budget(total)  # refuse a budget of zero entries now, not after the search
-        penalty = config.l0_lambda / total
-        add_deltas(
-            model, adapter_name, {n: {"weight": HardConcreteDelta(w, config, penalty)} for n, w in weights.items()}
-        )
+class DiffPruningLayer(SparseDeltaLayer):
+    """Search phase: a gated diff z * w over the whole weight; once projected (`selected_counts` recorded,
+    e.g. when loading), k sparse values like FishMask's."""
+
+    def new_entries(self, config: DiffPruningConfig) -> dict[str, nn.Module]:
+        if config.selected_counts is not None:
+            return super().new_entries(config)
+        return {"weight": HardConcreteDelta(innermost(self).weight, config)}
 
 
-DIFF_PRUNING = register(DiffPruningMethod(DiffPruningConfig, DeltaLayer, DEFAULT_TARGETS))
+class DiffPruningMethod(SparseMethod):
+    def link(
+        self, model: nn.Module, config: DiffPruningConfig, adapter_name: str, layers: dict[str, nn.Module]
+    ) -> None:
+        """Projected: place the sparse entries. Searching: the L0 weight per entry is lambda / N, N over all layers."""
+        if config.selected_counts is not None:
+            return super().link(model, config, adapter_name, layers)
+        entries = [layer.selective_delta[adapter_name]["weight"] for layer in layers.values()]
+        total = sum(e.w.numel() for e in entries)
+        for entry in entries:
+            entry.penalty = config.l0_lambda / total
+
+
+DIFF_PRUNING = register(DiffPruningMethod(DiffPruningConfig, DiffPruningLayer, default_roles=("linear",)))

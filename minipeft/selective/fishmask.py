@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import Method, PeftConfig, register
+from ..core.config import register
 from ..core.layers import innermost
-from .deltas import DeltaLayer, delta_layers
-from .masks import DEFAULT_TARGETS, SparseConfig, inject_sparse, keep_top_k
+from .deltas import delta_layers
+from .masks import SparseConfig, SparseDeltaLayer, SparseMethod, keep_top_k
 
 
 @dataclass
@@ -85,9 +85,4 @@ def select_by_fisher(
     return scores
 
 
-class FishMaskMethod(Method):
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        inject_sparse(model, config, adapter_name)
-
-
-FISHMASK = register(FishMaskMethod(FishMaskConfig, DeltaLayer, DEFAULT_TARGETS))
+FISHMASK = register(SparseMethod(FishMaskConfig, SparseDeltaLayer, default_roles=("linear",)))

@@ -18,7 +18,7 @@ from torch import nn
 from ..core.config import Method, PeftConfig, register
 from ..core.layers import innermost
 from ..core.targets import find_targets
-from .deltas import DeltaLayer, DenseDelta, add_deltas, outer_modules
+from .deltas import DeltaLayer, outer_modules
 
 
 @dataclass
@@ -35,7 +35,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 class LNTuningMethod(Method):
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    def targets(self, model: nn.Module, config: LNTuningConfig) -> list[str]:
+        """Every norm, or those of `target_modules` (each must be one)."""
         norms = [n for n, m in outer_modules(model, config.modules_to_save).items() if is_norm(m)]
         names = norms if config.target_modules is None else find_targets(model, config.target_modules)
         wrong = [n for n in names if n not in norms]
@@ -44,11 +45,8 @@ class LNTuningMethod(Method):
                 f"LN tuning trains normalisation layers; {wrong[:5] or 'nothing'} matched instead. "
                 f"Norms of {type(model).__name__}: {sorted({n.split('.')[-1] for n in norms})}"
             )
-        entries = {}
-        for name in names:
-            params = innermost(model.get_submodule(name)).named_parameters(recurse=False)
-            entries[name] = {p: DenseDelta(t, config.init_weights) for p, t in params}  # weight (and bias)
-        add_deltas(model, adapter_name, entries)
+        return names
 
 
+# Each norm's gain (and shift) gets a dense delta: DeltaLayer's default.
 LN_TUNING = register(LNTuningMethod(LNTuningConfig, DeltaLayer))

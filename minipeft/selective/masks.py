@@ -15,17 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import PeftConfig
+from ..core.config import Method, PeftConfig
 from ..core.layers import innermost
-from ..core.targets import find_targets
-from .deltas import SparseDelta, add_deltas, delta_layers
-
-# Weight matrices a mask targets by default: every linear of the transformer blocks.
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "bert": ["query", "key", "value", "dense"],
-}
+from ..core.targets import LINEAR_TYPES
+from .deltas import DeltaLayer, SparseDelta, delta_layers
 
 
 @dataclass
@@ -58,22 +51,6 @@ class SparseConfig(PeftConfig):
         return k
 
 
-def targeted_weights(model: nn.Module, config: SparseConfig) -> dict[str, torch.Tensor]:
-    """{module name: its base weight matrix} for the modules the config targets."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    out = {}
-    for name in find_targets(model, config.target_modules, DEFAULT_TARGETS.get(model_type)):
-        weight = getattr(innermost(model.get_submodule(name)), "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(
-                f"{type(config).__name__} masks weight matrices; {name!r} is a "
-                f"{type(model.get_submodule(name)).__name__} without one. Target linear layers, e.g. "
-                f"{DEFAULT_TARGETS.get(model_type, ['c_attn', 'q_proj'])}"
-            )
-        out[name] = weight
-    return out
-
-
 def proportional_counts(sizes: dict[str, int], k: int) -> dict[str, int]:
     """Split k over modules in proportion to their sizes; largest remainders, so the counts sum to k."""
     total = sum(sizes.values())
@@ -84,26 +61,53 @@ def proportional_counts(sizes: dict[str, int], k: int) -> dict[str, int]:
     return counts
 
 
-def inject_sparse(model: nn.Module, config: SparseConfig, adapter_name: str) -> None:
-    """SparseDelta entries with the recorded counts per module, or (not chosen yet) counts in proportion to
-    module size at random positions: a random mask, until a selection replaces it."""
-    weights = targeted_weights(model, config)
-    counts = config.selected_counts
-    if counts is None:
-        counts = proportional_counts(
-            {n: w.numel() for n, w in weights.items()}, config.budget(sum(w.numel() for w in weights.values()))
-        )
-    elif set(counts) != set(weights):
-        raise ValueError(
-            f"the adapter's selected_counts name modules {sorted(set(counts) ^ set(weights))[:5]} that this model "
-            "does not target the same way; was it saved from another architecture?"
-        )
-    gen = torch.Generator().manual_seed(0)
-    entries = {}
-    for name, weight in weights.items():
-        positions = torch.randperm(weight.numel(), generator=gen)[: counts[name]].sort().values  # (k_module,)
-        entries[name] = {"weight": SparseDelta(weight, positions, config.init_weights)}
-    add_deltas(model, adapter_name, entries)
+class SparseDeltaLayer(DeltaLayer):
+    """A weight matrix with k trained entries per adapter; `SparseMethod.link` chooses where."""
+
+    base_types = LINEAR_TYPES
+
+    def new_entries(self, config: SparseConfig) -> dict[str, nn.Module]:
+        weight = innermost(self).weight
+        return {"weight": SparseDelta(weight, torch.zeros(0, dtype=torch.long), config.init_weights)}
+
+
+def place(layers: dict[str, DeltaLayer], adapter_name: str, positions: dict[str, torch.Tensor],
+          values: dict[str, torch.Tensor] | None = None, init_weights: bool = True) -> dict[str, int]:  # fmt: skip
+    """Make each layer's entry a SparseDelta at its `positions` (flat, in the weight's own layout), holding
+    `values` there (else zeros, or random with init_weights=False). Returns the count per module."""
+    for name, layer in layers.items():
+        weight = innermost(layer).weight
+        entry = SparseDelta(weight, positions[name], init_weights).train(layer.training)
+        if values is not None:
+            with torch.no_grad():
+                entry.values.copy_(values[name].reshape(-1)[positions[name]])
+        layer.selective_delta[adapter_name]["weight"] = entry
+    return {name: len(p) for name, p in positions.items()}
+
+
+class SparseMethod(Method):
+    """Every linear of the blocks by default; one budget of k entries over all of them."""
+
+    def resolve(self, model: nn.Module, config: SparseConfig) -> SparseConfig:
+        names = self.targets(model, config)
+        weights = [getattr(innermost(model.get_submodule(n)), "weight", None) for n in names]
+        config.budget(sum(w.numel() for w in weights if isinstance(w, torch.Tensor)))  # refuse k = 0 now
+        counts = config.selected_counts
+        if counts is not None and set(counts) != set(names):
+            raise ValueError(
+                f"the adapter's selected_counts name modules {sorted(set(counts) ^ set(names))[:5]} that this model "
+                "does not target the same way; was it saved from another architecture?"
+            )
+        return config
+
+    def link(self, model: nn.Module, config: SparseConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
+        """The recorded counts per module, or (not chosen yet) counts in proportion to module size; at random
+        positions until a selection (or a loaded file) replaces them: a random mask, the papers' baseline."""
+        sizes = {n: innermost(layer).weight.numel() for n, layer in layers.items()}
+        counts = config.selected_counts or proportional_counts(sizes, config.budget(sum(sizes.values())))
+        gen = torch.Generator().manual_seed(0)
+        positions = {n: torch.randperm(sizes[n], generator=gen)[: counts[n]].sort().values for n in layers}
+        place(layers, adapter_name, positions, init_weights=config.init_weights)
 
 
 @torch.no_grad()
@@ -119,15 +123,10 @@ def keep_top_k(
     flat = torch.cat([scores[n].reshape(-1).float() for n in layers])  # (N,)
     chosen = torch.zeros_like(flat, dtype=torch.bool)
     chosen[torch.topk(flat, config.budget(flat.numel())).indices] = True
-    counts, start = {}, 0
+    positions, start = {}, 0
     for name, layer in layers.items():
-        weight = innermost(layer).weight
-        positions = chosen[start : start + weight.numel()].nonzero().squeeze(1)  # (k_module,)
-        start += weight.numel()
-        entry = SparseDelta(weight, positions).train(layer.training)
-        if values is not None:
-            entry.values.copy_(values[name].reshape(-1)[positions])
-        layer.selective_delta[adapter_name]["weight"] = entry
-        counts[name] = len(positions)
-    config.selected_counts = counts
-    model.set_adapter(model.active_adapter)  # the new values are what trains
+        size = innermost(layer).weight.numel()
+        positions[name] = chosen[start : start + size].nonzero().squeeze(1)  # (k_module,)
+        start += size
+    config.selected_counts = place(layers, adapter_name, positions, values)
+    model.set_adapter(model.active_adapters)  # the new values are what trains

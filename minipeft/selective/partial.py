@@ -19,7 +19,7 @@ from torch import nn
 from ..core.config import Method, PeftConfig, register
 from ..core.layers import innermost
 from ..core.targets import find_targets
-from .deltas import DeltaLayer, DenseDelta, add_deltas, outer_modules
+from .deltas import DeltaLayer, outer_modules
 
 
 @dataclass
@@ -51,7 +51,8 @@ def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.Modu
 
 
 class PartialMethod(Method):
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    def targets(self, model: nn.Module, config: PartialConfig) -> list[str]:
+        """Every module with parameters of its own inside the last k blocks (and in `target_modules`, if given)."""
         name, blocks = find_blocks(model, config.blocks)
         k = config.num_last_blocks
         if k > len(blocks):
@@ -61,14 +62,17 @@ class PartialMethod(Method):
             )
         chosen = tuple(f"{name}.{i}." for i in range(len(blocks) - k, len(blocks)))
         allowed = None if config.target_modules is None else set(find_targets(model, config.target_modules))
-        entries = {}
-        for n, m in outer_modules(model, config.modules_to_save).items():
-            params = dict(innermost(m).named_parameters(recurse=False))
-            if n.startswith(chosen) and params and (allowed is None or n in allowed):
-                entries[n] = {p: DenseDelta(t, config.init_weights) for p, t in params.items()}
-        if k and not entries:
+        names = [
+            n
+            for n, m in outer_modules(model, config.modules_to_save).items()
+            if n.startswith(chosen)
+            and any(True for _ in innermost(m).parameters(recurse=False))
+            and (allowed is None or n in allowed)
+        ]
+        if k and not names:
             raise ValueError(f"target_modules={config.target_modules!r} matches nothing inside the last {k} blocks")
-        add_deltas(model, adapter_name, entries)
+        return names
 
 
+# Every parameter of those modules gets a dense delta: DeltaLayer's default.
 PARTIAL = register(PartialMethod(PartialConfig, DeltaLayer))
