@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The project's Jupyter kernel, in the venv (not the user's folders): every chapter's kernelspec
-# names it, so nbval, the book build and JupyterLab all run the chapters in this venv.
+# names it, so the book build (and with it make test) and JupyterLab run the chapters in this venv.
 KERNEL := $(VENV)/share/jupyter/kernels/minipeft/kernel.json
 $(KERNEL): $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name minipeft --display-name "Python 3 (minipeft)"
