@@ -1,21 +1,21 @@
 """The layer types minipeft adapts, and all it knows about each: nn.Linear, GPT-2's Conv1D,
-nn.Embedding, nn.Conv1d, nn.Conv2d and nn.Conv3d. Written once here; `core/layers.py` (shapes,
-merge) and the methods (their forward passes) use it, so no method file branches on a layout.
+nn.Embedding, nn.Conv1d, nn.Conv2d and nn.Conv3d. Written once here, and used by `core/layers.py`
+(shapes, merge) and by the methods (their forward passes) instead of branching on layouts themselves.
 
 Every one of them is a linear map in disguise. A method sees its weight as one matrix
 W (d_out, fan_in) in nn.Linear's layout, and writes its update Delta W in that layout too:
 
-    type           stored weight                W (d_out, fan_in)                 input x
-    nn.Linear      (out, in)                    as stored                         (..., in)
-    Conv1D         (in, out)                    transposed                        (..., in)
-    nn.Embedding   (num_embeddings, dim)        transposed: a lookup is W one_hot(x)   (...) indices
-    nn.ConvNd      (out, in / groups, *kernel)  reshaped to (out, in / groups * k)   (B, in, *spatial)
+    type          stored weight                W (d_out, fan_in)                      input x
+    nn.Linear     (out, in)                    as stored                              (..., in)
+    Conv1D        (in, out)                    transposed                             (..., in)
+    nn.Embedding  (num_embeddings, dim)        transposed: a lookup is W one_hot(x)   (...) indices
+    nn.ConvNd     (out, in / groups, *kernel)  reshaped to (out, in / groups * k)     (B, in, *spatial)
 
 `to_stored` lays a matrix out as the base stores its weight (merging), `apply_weight` applies a
 matrix to x the way the base applies its own (a lookup, or a convolution with the base's stride,
 padding, dilation and groups), and `per_feature` shapes a vector over the feature axis of an
-activation (last for linears, 1 for convolutions). Taught in chapter 02; chapter 07 adapts
-convolutions and embeddings (ARCHITECTURE.md).
+activation (last for linears, 1 for convolutions). Taught in chapter 02 (nn.Linear, Conv1D);
+tests/test_layer_types.py runs every method on every type, and compares each pair with HF peft.
 """
 
 from __future__ import annotations
