@@ -57,5 +57,11 @@ def build() -> Build:
         text=True,
         timeout=3600,
     )
-    return Build(result.returncode, result.stdout[-8000:] + result.stderr[-4000:], OUT / "_build" / "html",
+    log = result.stdout + result.stderr
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "build.log").write_text(log)
+    # The failing cell's error (myst-nb prints it in the middle of a long log), then the end of the log.
+    failures = [m.start() for m in re.finditer(r"Executing notebook failed|Error: ", log)]
+    excerpt = "".join(log[max(0, i - 200) : i + 2500] + "\n...\n" for i in failures[:2])
+    return Build(result.returncode, f"full log: {OUT / 'build.log'}\n{excerpt}{log[-4000:]}", OUT / "_build" / "html",
                  OUT / "_build" / "jupyter_execute")  # fmt: skip
