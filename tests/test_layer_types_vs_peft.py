@@ -58,13 +58,20 @@ def test_files_load_both_ways(method, target, tmp_path):
         torch.testing.assert_close(merged_ours[key], value, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_lora_on_conv3d_equals_peft(use_dora, tmp_path):
+CONV3D_CONFIGS = {
+    "lora": mp.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False),
+    "dora": mp.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False, use_dora=True),
+    "ia3": mp.IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False),
+    "ia3_ff": mp.IA3Config(target_modules=["0"], feedforward_modules=["0"], init_ia3_weights=False),
+}
+
+
+@pytest.mark.parametrize("method", CONV3D_CONFIGS)
+def test_conv3d_equals_peft(method, tmp_path):
     """nn.Conv3d goes through the same code as Conv1d/Conv2d (LoRA, DoRA and (IA)^3 adapt it in peft)."""
     base = torch.nn.Sequential(torch.nn.Conv3d(3, 6, kernel_size=(1, 3, 3), stride=(1, 2, 1), padding=1))
     x = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
-    cfg = mp.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False, use_dora=use_dora)
-    ours = mp.get_peft_model(copy.deepcopy(base), cfg)
+    ours = mp.get_peft_model(copy.deepcopy(base), copy.deepcopy(CONV3D_CONFIGS[method]))
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-6)
@@ -78,3 +85,19 @@ def test_peft_refuses_what_minipeft_refuses(method, target):
         peft.get_peft_model(TinyConvNet(), peft_config(method, target))
     with pytest.raises(TypeError):
         mp.get_peft_model(TinyConvNet(), config(method, target))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_scaled_embedding_equals_peft(use_dora, tmp_path):
+    """An embedding that multiplies its lookups (Gemma 3's `embed_scale`) scales the adapter's lookups too."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(Gemma3TextScaledWordEmbedding(50, 8, padding_idx=0, embed_scale=8**0.5))
+    cfg = mp.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False, use_dora=use_dora)
+    ours = mp.get_peft_model(copy.deepcopy(base), cfg)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(ids), theirs(ids), rtol=1e-6, atol=1e-6)  # the scale is applied elsewhere
+    torch.testing.assert_close(ours.merge_and_unload()(ids), theirs(ids), rtol=0, atol=1e-5)

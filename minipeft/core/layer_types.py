@@ -99,7 +99,9 @@ def apply_weight(base: nn.Module, x: torch.Tensor, matrix: torch.Tensor) -> torc
     """What the base computes from x, without bias, with `matrix` (rows, fan_in) as its weight.
     `rows` need not be d_out: LoRA applies its A (r, fan_in) this way, so A sees what W sees."""
     if isinstance(base, nn.Embedding):  # x: (...) indices -> (..., rows); peft passes padding_idx too
-        return F.embedding(x, matrix.T, padding_idx=base.padding_idx)
+        out = F.embedding(x, matrix.T, padding_idx=base.padding_idx)
+        scale = getattr(base, "embed_scale", None)  # a scaled embedding (Gemma 3) multiplies its lookups
+        return out if scale is None else out * torch.as_tensor(scale).to(out.dtype)
     if is_conv(base):  # x: (B, in, *spatial) -> (B, rows, *spatial')
         weight = matrix.reshape(matrix.shape[0], *base.weight.shape[1:])  # (rows, in / groups, *kernel)
         conv = CONV_FN[len(base.kernel_size)]  # F.conv1d, F.conv2d or F.conv3d
