@@ -13,6 +13,7 @@ from .additive import (
     fold_prompt_encoder,
 )
 from .core import PeftConfig, PeftModel, get_peft_model
+from .hybrid import LoraHubResult, lorahub
 from .quant import NF4Config
 from .reparameterized import (
     AdaLoraConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "LoraHubResult",
     "NF4Config",
     "PTuningConfig",
     "ParallelAdapterConfig",
@@ -59,6 +61,7 @@ __all__ = [
     "VeraConfig",
     "fold_prompt_encoder",
     "get_peft_model",
+    "lorahub",
     "project_to_budget",
     "select_by_fisher",
 ]

@@ -21,6 +21,9 @@ from .layers import ModulesToSaveWrapper, TunerLayer
 from .wrapper import AdapterWrapper
 
 PREFIX = "base_model.model."
+# peft_type -> how to combine trained adapters of that method into a new one (`add_weighted_adapter`);
+# filled by the package that implements it (LoRA: minipeft.hybrid.merging), so core imports no method.
+WEIGHTED_COMBINERS: dict = {}
 BASE_ROW = "__base__"  # in a mixed batch, the rows that run the base model alone (peft's name)
 
 
@@ -126,6 +129,21 @@ class PeftModel(nn.Module):
 
     def _wrappers(self) -> Iterator[AdapterWrapper]:
         return (m for m in self.base_model.model.modules() if isinstance(m, AdapterWrapper))
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **options
+    ) -> None:
+        """Add `adapter_name`, a weighted combination of trained adapters of one method, as in peft; the
+        combination types and options are those of the method's entry in WEIGHTED_COMBINERS."""
+        names = list(adapters) if isinstance(adapters, (list, tuple)) else []
+        kinds = sorted({self.peft_config[a].peft_type for a in names if a in self.peft_config})
+        combine = WEIGHTED_COMBINERS.get(kinds[0]) if len(kinds) == 1 else None
+        if combine is None:
+            raise ValueError(
+                f"add_weighted_adapter combines adapters of one method among {sorted(WEIGHTED_COMBINERS)}; got "
+                f"{adapters!r}, adapters of {kinds or 'none'} (this model has {sorted(self.peft_config)})"
+            )
+        combine(self, adapters, weights, adapter_name, combination_type, **options)
 
     # -- accounting -------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
