@@ -25,6 +25,8 @@ CASES: dict[str, Case] = {
     "LOHA/layer_types": case("loha"),
     "LOKR/layer_types": case("lokr"),
     "LOKR/full_layer_types": case("lokr_full"),
+    "LOHA/cp_layer_types": case("loha_cp"),
+    "LOKR/cp_layer_types": case("lokr_cp"),
     "IA3/layer_types": case("ia3"),
     "IA3/feedforward_layer_types": case("ia3_ff"),
 }

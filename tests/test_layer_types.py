@@ -45,8 +45,10 @@ SUPPORTED = {
     "lora": LAYERS,
     "dora": LAYERS,
     "loha": ("conv1", "conv2", "head"),
+    "loha_cp": ("conv1", "conv2", "head"),  # use_effective_conv2d: a core (r, r, *kernel) per factor
     "lokr": ("conv1", "conv2", "head"),  # r = 1: W2 as a product W2a W2b
     "lokr_full": ("conv1", "conv2", "head"),  # r = 2: W2 in full, (b, d, *kernel)
+    "lokr_cp": ("conv1", "conv2", "head"),  # use_effective_conv2d: W2 from a core (r, r, *kernel)
     "ia3": ("conv2", "head"),
     "ia3_ff": ("conv2", "head"),
 }
@@ -60,11 +62,12 @@ def config(method: str, target: str | list[str], identity: bool = False) -> mp.P
     if method in ("lora", "dora"):
         return mp.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=identity,
                              use_dora=method == "dora")  # fmt: skip
-    if method == "loha":
-        return mp.LoHaConfig(r=4, alpha=8, target_modules=targets, init_weights=identity)
+    cp = method.endswith("_cp")  # use_effective_conv2d
+    if method.startswith("loha"):
+        return mp.LoHaConfig(r=4, alpha=8, target_modules=targets, init_weights=identity, use_effective_conv2d=cp)
     if method.startswith("lokr"):
         r = 2 if method == "lokr_full" else 1
-        return mp.LoKrConfig(r=r, alpha=2 * r, target_modules=targets, init_weights=identity)
+        return mp.LoKrConfig(r=r, alpha=2 * r, target_modules=targets, init_weights=identity, use_effective_conv2d=cp)
     feedforward = targets if method == "ia3_ff" else []
     return mp.IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=identity)
 
@@ -89,11 +92,17 @@ def count(method: str, module: nn.Module, cfg: mp.PeftConfig) -> int:
         return cfg.r * (d_out + fan_in)  # A (r, fan_in), B (d_out, r)
     if method == "dora":
         return cfg.r * (d_out + fan_in) + d_out  # and one magnitude per output
-    if method == "loha":
+    if method == "loha_cp" and k > 1:
+        return 2 * (cfg.r * cfg.r * k + cfg.r * (d_out + d_in))  # per factor: a core and two thin matrices
+    if method.startswith("loha"):
         return 2 * cfg.r * (d_out + fan_in)  # two LoRA-sized pairs
     if method.startswith("lokr"):  # W1 (a, c) in full; W2 (b, d * k), low-rank when r < max(b, d) / 2
         (a, b), (c, d) = sqrt_pair(d_out), sqrt_pair(d_in)
-        return a * c + (cfg.r * (b + d * k) if cfg.r < max(b, d) / 2 else b * d * k)
+        if cfg.r >= max(b, d) / 2:
+            return a * c + b * d * k
+        if method == "lokr_cp" and k > 1:
+            return a * c + cfg.r * cfg.r * k + cfg.r * (b + d)  # W2 from a core (r, r, *kernel)
+        return a * c + cfg.r * (b + d * k)
     return d_in if method == "ia3_ff" else d_out  # one factor per input (output) feature
 
 

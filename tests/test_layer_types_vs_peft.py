@@ -14,6 +14,8 @@ import minipeft as mp
 from tests.test_layer_types import IDS, PAIRS, UNSUPPORTED, TinyConvNet, config
 
 peft = pytest.importorskip("peft")
+# peft 0.21 builds LoKr's CP layout on an nn.Conv1d but cannot run it (torch.kron on a strided view in make_kron)
+PEFT_RUNS = [pair for pair in PAIRS if pair != ("lokr_cp", "conv1")]
 
 
 def peft_config(method: str, target: str):
@@ -22,10 +24,10 @@ def peft_config(method: str, target: str):
     if method in ("lora", "dora"):
         return peft.LoraConfig(r=ours.r, lora_alpha=ours.lora_alpha, target_modules=[target],
                                init_lora_weights=False, use_dora=ours.use_dora)  # fmt: skip
-    if method == "loha":
-        return peft.LoHaConfig(r=ours.r, alpha=ours.alpha, target_modules=[target], init_weights=False)
-    if method.startswith("lokr"):
-        return peft.LoKrConfig(r=ours.r, alpha=ours.alpha, target_modules=[target], init_weights=False)
+    if method.startswith(("loha", "lokr")):
+        cls = peft.LoHaConfig if method.startswith("loha") else peft.LoKrConfig
+        return cls(r=ours.r, alpha=ours.alpha, target_modules=[target], init_weights=False,
+                   use_effective_conv2d=ours.use_effective_conv2d)  # fmt: skip
     return peft.IA3Config(target_modules=[target], feedforward_modules=ours.feedforward_modules,
                           init_ia3_weights=False)  # fmt: skip
 
@@ -41,7 +43,7 @@ def test_counts_equal_peft(method, target):
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
-@pytest.mark.parametrize("method,target", PAIRS)
+@pytest.mark.parametrize("method,target", PEFT_RUNS)
 def test_files_load_both_ways(method, target, tmp_path):
     """A file minipeft wrote gives the same outputs in peft, and a file peft wrote the same in minipeft."""
     ours = mp.get_peft_model(TinyConvNet(), config(method, target))

@@ -44,6 +44,9 @@ class LoKrConfig(PeftConfig):
     decompose_factor: int = -1
     # True: W1 = 0, so the model starts at the base model. False: all factors random (tests).
     init_weights: bool = True
+    # Convolutions with a kernel above 1 and a low-rank W2: W2 as a core T2 (r, r, *kernel) times W2a (r, b)
+    # and W2b (r, d) (LyCORIS' CP layout). False: W2b (r, d * k).
+    use_effective_conv2d: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,7 +76,7 @@ class LoKrLayer(TunerLayer):
     """One base layer (a linear or a convolution) with named LoKr adapters; each factor is full (`lokr_w1`)
     or low-rank (`_a`, `_b`). A convolution's kernel goes into W2: (b, d, *kernel), or W2b (r, d * k)."""
 
-    adapter_layer_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    adapter_layer_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     base_types = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)  # peft's, and GPT-2's Conv1D
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -101,7 +104,11 @@ class LoKrLayer(TunerLayer):
 
         k = math.prod(kernel)
         for i, (rows, cols, low_rank) in enumerate([(a, c, config.decompose_both), (b, d, True)], start=1):
-            if low_rank and r < max(rows, cols) / 2:  # a rank-r product is smaller than the full factor
+            if i == 2 and config.use_effective_conv2d and k > 1 and r < max(rows, cols) / 2:  # peft's CP layout
+                new("lokr_t2", (r, r, *kernel, 1)[:4])  # a 1D kernel as (k, 1)
+                new("lokr_w2_a", (r, rows))
+                new("lokr_w2_b", (r, cols))
+            elif low_rank and r < max(rows, cols) / 2:  # a rank-r product is smaller than the full factor
                 new(f"lokr_w{i}_a", (rows, r))
                 new(f"lokr_w{i}_b", (r, cols * (k if i == 2 else 1)))  # W2b: (r, d * k)
             else:
@@ -114,6 +121,9 @@ class LoKrLayer(TunerLayer):
         if name in getattr(self, f"lokr_w{i}"):
             full = getattr(self, f"lokr_w{i}")[name]
             return full.reshape(full.shape[0], -1)  # a convolution's (b, d, *kernel) as (b, d * k)
+        if i == 2 and name in self.lokr_t2:  # sum_ij T2[i, j, ...] W2a[i, b] W2b[j, d]: (b, d, *kernel)
+            w2 = torch.einsum("ijkl,ip,jq->pqkl", self.lokr_t2[name], self.lokr_w2_a[name], self.lokr_w2_b[name])
+            return w2.reshape(w2.shape[0], -1)
         return getattr(self, f"lokr_w{i}_a")[name] @ getattr(self, f"lokr_w{i}_b")[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
