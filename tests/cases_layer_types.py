@@ -1,13 +1,15 @@
 """Property-suite entries for the layer types beyond nn.Linear (core/layer_types.py): every method on
 the tiny plain-torch net of tests/test_layer_types.py (an nn.Embedding, an nn.Conv1d, an nn.Conv2d and
-an nn.Linear), targeting every layer type HF peft adapts with it. Registered as the model kind "conv"."""
+an nn.Linear), targeting every layer type HF peft adapts with it: the model kind "conv"."""
 
 from __future__ import annotations
 
-from tests.cases import MODELS, Case
+from tests.cases import Case
 from tests.test_layer_types import SUPPORTED, TinyConvNet, closed_form, config
 
-MODELS["conv"] = TinyConvNet
+# The property suite's extra model kind (test_properties.py adds it to the architectures of tests/cases.py;
+# the other test files loop over those architectures only).
+MODELS_LAYER_TYPES = {"conv": TinyConvNet}
 
 
 def case(method: str) -> Case:

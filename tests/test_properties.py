@@ -11,6 +11,10 @@ import torch
 import minipeft as mp
 from minipeft.core import REGISTRY, find_targets
 from tests.cases import CASES, MODELS, outputs
+from tests.cases_layer_types import MODELS_LAYER_TYPES
+
+# The architectures, and the tiny net holding every layer type peft adapts (tests/cases_layer_types.py).
+MODELS = {**MODELS, **MODELS_LAYER_TYPES}
 
 METHODS = sorted(CASES)
 KINDS = sorted(MODELS)
