@@ -49,20 +49,6 @@ def test_init_lora_weights_value():
         mp.LoraConfig(init_lora_weights="orthogonal")
 
 
-def test_merging_twice_is_refused():
-    model = mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(target_modules=["c_attn"]))
-    model.merge_adapter()
-    with pytest.raises(ValueError, match="already merged.*unmerge_adapter"):
-        model.merge_adapter()
-
-
-def test_disable_on_a_merged_model_is_refused():
-    model = mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(target_modules=["c_attn"]))
-    model.merge_adapter()
-    with pytest.raises(ValueError, match="unmerge_adapter"), model.disable_adapter():
-        pass
-
-
 def test_truncated_adapter_file(tmp_path):
     mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(target_modules=["c_attn"])).save_pretrained(tmp_path)
     weights = tmp_path / io.WEIGHTS_NAME

@@ -8,6 +8,7 @@ other code needs to know which methods exist. Taught in chapter 02.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -96,7 +97,8 @@ def _matches(value: Any, annotation: Any) -> bool:
 
 
 def check_field_types(config: Any) -> None:
-    """Raise TypeError naming the field, the value given and the type expected."""
+    """Raise TypeError naming the field, the value given and the type expected; ValueError for a number
+    that is NaN or infinite (it would reach a forward pass as NaN)."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -104,6 +106,9 @@ def check_field_types(config: Any) -> None:
             raise TypeError(
                 f"{type(config).__name__}.{f.name} must be {hints[f.name]}, got {value!r} ({type(value).__name__})"
             )
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -127,8 +132,13 @@ class Method:
         return config
 
     def targets(self, model: nn.Module, config: PeftConfig) -> list[str]:
-        """Names of the modules to wrap: `target_modules`, or the modules of this method's default roles."""
-        return find_targets(model, config.target_modules, role_pattern(model, self.default_roles))
+        """Names of the modules to wrap: `target_modules`, or the modules of this method's default roles.
+        "all-linear" leaves out the output head and the modules trained in full (`modules_to_save`), as in peft."""
+        names = find_targets(model, config.target_modules, role_pattern(model, self.default_roles))
+        if config.target_modules == "all-linear" and config.modules_to_save:
+            full = set(find_targets(model, config.modules_to_save))
+            names = [n for n in names if n not in full]
+        return names
 
     def link(self, model: nn.Module, config: PeftConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
         """After every target got its adapter: build what spans layers (a shared vector, a global budget,

@@ -11,6 +11,7 @@ call leaves the model exactly as it was. Taught in chapter 02.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -52,9 +53,12 @@ def _check_targets(model: nn.Module, names: list[str], layer_cls: type, adapter_
         )
 
 
-def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> PeftConfig:
+def inject_adapter(
+    model: nn.Module, config: PeftConfig, adapter_name: str, fill: Callable[[], None] | None = None
+) -> PeftConfig:
     """Add the adapter `config` describes to `model` under `adapter_name`; returns the resolved config.
-    All or nothing: on any error the model is left as it was."""
+    `fill()`, if given, runs last (loading the adapter's tensors from a file). All or nothing: on any
+    error, `fill`'s included, the model is left as it was."""
     method = REGISTRY[config.peft_type]
     names = method.targets(model, config)
     _check_targets(model, names, method.layer_cls, adapter_name)
@@ -88,6 +92,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
                 module = layer
             module.add_adapter(adapter_name)
             holders.append(module)
+        if fill is not None:
+            fill()
     except BaseException:
         for holder in holders:
             if adapter_name in holder.adapter_names():

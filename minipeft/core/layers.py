@@ -99,9 +99,13 @@ class TunerLayer(AdapterWrapper):
         return list(getattr(self, self.adapter_layer_names[0]).keys())
 
     def delete_adapter(self, name: str) -> None:
-        for attr in self.adapter_layer_names:
-            if name in getattr(self, attr):  # optional parts (e.g. DoRA's magnitude) exist for some adapters only
-                del getattr(self, attr)[name]
+        """Remove every per-adapter state: the adapter dicts, and every other dict this layer keys by adapter
+        name (scaling, dropout, kernel choice, factors, flags, shared projections), so a method adds none."""
+        holders = [m for m in self.children() if isinstance(m, (nn.ModuleDict, nn.ParameterDict))]
+        holders += [v for k, v in vars(self).items() if isinstance(v, dict) and not k.startswith("_")]
+        for holder in holders:
+            if name in holder:  # optional parts (e.g. DoRA's magnitude) exist for some adapters only
+                del holder[name]
 
     def add_adapter(self, name: str, config) -> None:
         raise NotImplementedError
@@ -147,19 +151,20 @@ class TunerLayer(AdapterWrapper):
         return kept
 
     def merge(self, names: list[str] | None = None) -> None:
-        """Fold the named (default: active) adapters into the base weight."""
+        """Fold the named (default: active) adapters into the base weight; one already merged is skipped
+        (its update would be added twice; `PeftModel.merge_adapter` warns, as peft does)."""
         for name in names or self.active_adapters:
-            if name not in self.adapter_names():
+            if name not in self.adapter_names() or name in self.merged_adapters:
                 continue
-            if name in self.merged_adapters:
-                raise ValueError(
-                    f"adapter {name!r} is already merged into this {type(self).__name__}; "
-                    "call unmerge_adapter() before merging again"
-                )
             if self.exact_unmerge:
                 self._kept[name] = self._entries_to_restore(name)
             self._fold(name, +1.0)
             self.merged_adapters.append(name)
+
+    def finite_update(self, name: str) -> bool:
+        """Whether merging `name` writes finite numbers only (`merge_adapter(safe_merge=True)` checks first)."""
+        weight, bias = self.delta_weight(name), self.delta_bias(name)
+        return all(t is None or bool(torch.isfinite(t).all()) for t in (weight, bias))
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weight again: bit-exactly with `exact_unmerge`

@@ -7,7 +7,8 @@ the adapter file written here loads in peft and the other way round. Taught in c
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +26,19 @@ PREFIX = "base_model.model."
 # filled by the package that implements it (LoRA: minipeft.hybrid.merging), so core imports no method.
 WEIGHTED_COMBINERS: dict = {}
 BASE_ROW = "__base__"  # in a mixed batch, the rows that run the base model alone (peft's name)
+
+
+def check_adapter_name(name: object) -> None:
+    """An adapter name becomes a key part and a folder name: refuse what could break either."""
+    bad = (
+        not isinstance(name, str) or not name or name == BASE_ROW or "." in name or "/" in name or "\\" in name
+        or name.strip() != name
+    )  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use a non-empty string without '.', '/', '\\' or surrounding "
+            f"spaces, other than {BASE_ROW!r} (it names the folder the adapter is saved in)"
+        )
 
 
 class TunerModel(nn.Module):
@@ -46,12 +60,18 @@ class PeftModel(nn.Module):
     wrapped twice applies the inner wrapper's adapters first), and each active prompt-style adapter
     rewrites the inputs in that order. All active adapters train."""
 
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default", _fill=None) -> None:
         super().__init__()
+        if any(isinstance(m, AdapterWrapper) for m in model.modules()):
+            raise ValueError(
+                f"{type(model).__name__} already carries adapters (it was given to get_peft_model before); "
+                "add more with peft_model.add_adapter(name, config), or start from a fresh base model"
+            )
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = [adapter_name]
-        self.add_adapter(adapter_name, config)
+        self.unloaded = False  # True after merge_and_unload()/unload(): the wrappers are gone
+        self.add_adapter(adapter_name, config, _fill)
 
     @property
     def active_adapter(self) -> str:
@@ -93,35 +113,55 @@ class PeftModel(nn.Module):
         return out[:, kwargs["input_ids"].shape[1] - n_in :]
 
     # -- adapters -------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+    def add_adapter(self, adapter_name: str, config: PeftConfig, _fill=None) -> None:
         """Inject a new named adapter; the active adapters do not change (except for the first adapter).
-        The config stored in `peft_config` is the one resolved against this model; the caller's is untouched."""
+        The config stored in `peft_config` is the one resolved against this model; the caller's is untouched.
+        (`_fill(self, adapter_name)`: loads the tensors, inside the all-or-nothing injection.)"""
         if not isinstance(config, PeftConfig) or config.peft_type not in REGISTRY:
             raise TypeError(f"expected a minipeft config ({sorted(REGISTRY)}), got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names are non-empty strings without '.', got {adapter_name!r}")
+        check_adapter_name(adapter_name)
+        if self.unloaded:
+            raise ValueError("this PeftModel was unloaded (merge_and_unload/unload): wrap the base model again")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already: {sorted(self.peft_config)}")
-        self.peft_config[adapter_name] = inject_adapter(self.base_model.model, config, adapter_name)
+        fill = None if _fill is None else lambda: _fill(self, adapter_name)
+        self.peft_config[adapter_name] = inject_adapter(self.base_model.model, config, adapter_name, fill)
         self.set_adapter(self.active_adapters)  # the new adapter's wrappers learn which adapters run
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make one adapter, or several (a list, applied in its order), the ones that run and train."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"set_adapter needs one name or a list of distinct names, got {adapter_name!r}")
+        names = self._check_names([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        if self._merged() and self._merged() != sorted(names):
+            warnings.warn(f"set_adapter(): unmerging {self._merged()} first (as peft does)", stacklevel=2)
+            self.unmerge_adapter()
         self.active_adapters = names
         set_active(self.base_model.model, names)
         set_trainable(self.base_model.model, [n for n in names if not self.peft_config[n].inference_mode])
 
+    def _check_names(self, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"expected one adapter name or a list of distinct names, got {names!r}")
+        return names
+
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        """Remove an adapter and all its state. A merged one is unmerged first; deleting an active one makes
+        the remaining active adapters (or else the first remaining adapter) active, as in peft."""
+        self._check_names([adapter_name])
+        if len(self.peft_config) == 1:
+            raise ValueError(f"{adapter_name!r} is this model's only adapter; unload() returns the plain base model")
+        for layer in self._tuner_layers():
+            if adapter_name in layer.merged_adapters:
+                others = [n for n in layer.merged_adapters if n != adapter_name]
+                layer.unmerge()
+                layer.merge(others)
         if adapter_name in self.active_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() another one before deleting it")
+            remaining = [n for n in self.active_adapters if n != adapter_name]
+            remaining = remaining or [next(n for n in self.peft_config if n != adapter_name)]
+            warnings.warn(f"deleting the active adapter {adapter_name!r}; now active: {remaining}", stacklevel=2)
+            self.set_adapter(remaining)
         for module in self._wrappers():
             if adapter_name in module.adapter_names():
                 module.delete_adapter(adapter_name)
@@ -163,42 +203,67 @@ class PeftModel(nn.Module):
     def _tuner_layers(self) -> list[TunerLayer]:
         return [m for m in self._wrappers() if isinstance(m, TunerLayer)]
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+    def _merged(self) -> list[str]:
+        return sorted({n for layer in self._tuner_layers() for n in layer.merged_adapters})
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the named adapters (default: the active ones) into the base weights: forward then costs
-        nothing extra."""
-        for layer in self._tuner_layers():
-            layer.merge(adapter_names)
+        nothing extra. One already merged is skipped with a warning (merging it again would add its update
+        twice), as in peft. `safe_merge=True` first checks every update for NaN or inf and refuses the whole
+        merge, writing nothing, if one is not finite."""
+        names = self._check_names(adapter_names or self.active_adapters)
+        again = sorted(set(names) & set(self._merged()))
+        if again:
+            warnings.warn(f"adapters {again} are already merged; they are not merged again", stacklevel=2)
+        layers = self._tuner_layers()
+        if safe_merge:
+            bad = [n for layer in layers for n in names if n in layer.adapter_names() and not layer.finite_update(n)]
+            if bad:
+                raise ValueError(f"safe_merge: adapter {bad[0]!r} has a non-finite update (NaN or inf); nothing merged")
+        for layer in layers:
+            layer.merge(names)
 
     def unmerge_adapter(self) -> None:
         for layer in self._tuner_layers():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter and return the plain base model, wrappers removed."""
-        self.merge_adapter()
+    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+        """Merge the named (default: active) adapters and return the plain base model, wrappers removed."""
+        self.merge_adapter(adapter_names, safe_merge)
+        return self._unwrap()
+
+    def unload(self) -> nn.Module:
+        """The plain base model, wrappers removed and nothing merged (merged adapters are taken out first)."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_copies=False)
+
+    def _unwrap(self, keep_copies: bool = True) -> nn.Module:
         model = self.base_model.model
         for name, module in list(model.named_modules()):
             if isinstance(module, TunerLayer):
                 replace_module(model, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
-                active = [n for n in module.active_adapters if n in module.modules_to_save]
+                active = [n for n in module.active_adapters if n in module.modules_to_save] if keep_copies else []
                 replace_module(model, name, module.modules_to_save[active[0]] if active else module.original_module)
+        self.unloaded = True
         return model
 
     @contextmanager
     def disable_adapter(self):
-        """Inside the block the model computes exactly its base outputs."""
-        merged = [type(m).__name__ for m in self._tuner_layers() if m.merged_adapters]
-        if merged:
-            raise ValueError("disable_adapter() needs unmerged adapters; call unmerge_adapter() first")
+        """Inside the block the model computes exactly its base outputs. Merged adapters are unmerged first
+        (with a warning; they stay unmerged after, as in peft); nested blocks restore the outer state."""
+        if self._merged():
+            warnings.warn(f"disable_adapter(): unmerging {self._merged()} first", stacklevel=3)
+            self.unmerge_adapter()
         wrappers = list(self._wrappers())
+        before = [m.disabled for m in wrappers]
         for m in wrappers:
             m.disabled = True
         try:
             yield
         finally:
-            for m in wrappers:
-                m.disabled = False
+            for m, state in zip(wrappers, before, strict=True):
+                m.disabled = state
 
     @contextmanager
     def _mixed_batch(self, adapter_names: list[str], inputs: list) -> Iterator[None]:
@@ -233,7 +298,12 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter as peft does: "default" at the top, others in a sub-directory."""
-        for name in selected_adapters or list(self.peft_config):
+        if self.unloaded:
+            raise ValueError(
+                "this PeftModel was unloaded (merge_and_unload/unload) and holds no adapter any more; saving it "
+                "would overwrite a good adapter with an empty one. Save before unloading"
+            )
+        for name in self._check_names(selected_adapters or list(self.peft_config)):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             save_adapter(directory, self.peft_config[name].to_dict(), self.adapter_state_dict(name))
 
@@ -241,10 +311,10 @@ class PeftModel(nn.Module):
         """Add an adapter read from `path` under `adapter_name`."""
         config_dict, tensors = load_adapter_files(path)
         config = PeftConfig.from_dict({**config_dict, "inference_mode": not is_trainable})
-        self.add_adapter(adapter_name, config)
-        self._load_tensors(adapter_name, tensors, path)
+        self.add_adapter(adapter_name, config, _fill=tensor_loader(tensors, path))
 
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], path) -> None:
+    def load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], path) -> None:
+        """Copy a file's tensors into the adapter, after checking that keys and shapes all fit."""
         params = self.adapter_state_dict(adapter_name)
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
@@ -266,12 +336,18 @@ class PeftModel(nn.Module):
     def from_pretrained(
         cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
     ) -> PeftModel:
-        """Wrap `model` and load the adapter saved in `path` (by minipeft or by HF peft)."""
+        """Wrap `model` and load the adapter saved in `path` (by minipeft or by HF peft). For inference
+        (is_trainable=False) the model comes back in eval() mode with nothing trainable, as in peft.
+        If the file does not fit, `model` is left exactly as it was."""
         config_dict, tensors = load_adapter_files(path)
         config = PeftConfig.from_dict({**config_dict, "inference_mode": not is_trainable})
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_tensors(adapter_name, tensors, path)
-        return peft_model
+        peft_model = cls(model, config, adapter_name, _fill=tensor_loader(tensors, path))
+        return peft_model if is_trainable else peft_model.eval()
+
+
+def tensor_loader(tensors: dict[str, torch.Tensor], path) -> Callable[[PeftModel, str], None]:
+    """The `_fill` of `add_adapter` that loads a file's tensors into the new adapter."""
+    return lambda peft_model, adapter_name: peft_model.load_tensors(adapter_name, tensors, path)
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default", quantization=None) -> PeftModel:

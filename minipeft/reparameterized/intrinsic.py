@@ -126,11 +126,6 @@ class IntrinsicLayer(TunerLayer):
         if owner:
             self.intrinsic_theta[name] = theta
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        del self.fastfood[name]
-        self.theta.pop(name, None)
-
     def delta_weight(self, name: str) -> torch.Tensor:
         flat = self.fastfood[name](self.theta[name])  # (d_out * d_in,)
         return flat.view(self.out_features, self.in_features)  # (d_out, d_in)

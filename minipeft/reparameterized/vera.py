@@ -100,10 +100,6 @@ class VeraLayer(TunerLayer):
         self.vera_lambda_b[name], self.vera_lambda_d[name] = nn.Parameter(lambda_b), nn.Parameter(lambda_d)
         self.vera_dropout[name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        del self.vera_projection[name]
-
     def matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slices of the shared A (r, d_in) and B (d_out, r)."""
         proj = self.vera_projection[name]
