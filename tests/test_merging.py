@@ -10,6 +10,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model_state_dict
 
 import minipeft as mp
@@ -35,6 +36,12 @@ MIXED_RANK = {
     "b": dict(r=8, lora_alpha=8, target_modules=["c_attn"]),
     "c": dict(r=4, lora_alpha=16, target_modules=["c_fc", "c_proj"], use_rslora=True),
 }
+# The token embedding (factors stored (r, vocab) and (dim, r), the update transposed to the stored weight).
+EMBEDDING = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"]),
+    "b": dict(r=4, lora_alpha=16, target_modules=["wte"]),
+    "c": dict(r=4, lora_alpha=4, target_modules=["c_fc"]),
+}
 DENSITY = {t: 0.5 for t in COMBINATION_TYPES if t not in ("linear", "cat", "svd")}
 SEED = 11
 
@@ -48,7 +55,7 @@ def save_all(folder, settings: dict) -> None:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folders = {}
-    for kind, settings in (("same", SAME_RANK), ("mixed", MIXED_RANK)):
+    for kind, settings in (("same", SAME_RANK), ("mixed", MIXED_RANK), ("embedding", EMBEDDING)):
         folders[kind] = tmp_path_factory.mktemp(kind)
         save_all(folders[kind], settings)
     return folders
@@ -95,8 +102,8 @@ def tensors(model, name: str = "m") -> dict[str, torch.Tensor]:
 
 def deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{module: B A} (scaling 1): what a factorisation that is unique only up to signs determines."""
-    return {k[: -len(".lora_A.weight")]: state[k.replace("lora_A", "lora_B")] @ v for k, v in state.items()
-            if k.endswith("lora_A.weight")}  # fmt: skip
+    return {k: state[k.replace("lora_A", "lora_B").replace("embedding_A", "embedding_B")] @ v
+            for k, v in state.items() if "lora_A" in k or "embedding_A" in k}  # fmt: skip
 
 
 def run(model, name: str = "m") -> torch.Tensor:
@@ -110,6 +117,8 @@ def cases():
         yield pytest.param("same", t, id=f"same-rank-{t}")
     for t in ("cat", "svd", "ties_svd", "dare_ties_svd"):
         yield pytest.param("mixed", t, id=f"mixed-rank-{t}")
+    for t in ("linear", "cat", "svd", "dare_ties", "ties_svd", "dare_linear_svd"):
+        yield pytest.param("embedding", t, id=f"embedding-{t}")
 
 
 @pytest.mark.parametrize("kind,combination_type", list(cases()))
@@ -174,10 +183,24 @@ def test_cat_and_full_rank_svd_are_the_weighted_sum_of_updates(saved, combinatio
         torch.testing.assert_close(delta, expected[name], rtol=0, atol=1e-5)
 
 
-def test_one_adapter_is_combined_linearly(saved):
-    """As in peft, a single adapter goes the linear way: w s B A exactly, whatever the type asked."""
+def test_rslora_first_adapter_gives_scaling_one(saved):
+    """The new adapter's factors carry every scaling, so it never uses rsLoRA. (peft copies use_rslora from
+    the first adapter and then scales by sqrt(r): its update is sqrt(r) times too large there.)"""
+    model = load(mp, saved["mixed"])
+    model.add_weighted_adapter(["c"], [1.0], "m", combination_type="linear")
+    assert model.peft_config["m"].use_rslora is False and model.peft_config["m"].scaling == 1.0
+    expected = weighted_deltas(model, ["c"], [1.0])
+    for name, delta in merged_delta(model).items():
+        torch.testing.assert_close(delta, expected[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(combination_type="ties", density=0.3), dict(svd_rank=2)])
+def test_one_adapter_is_combined_linearly(saved, options):
+    """As in peft, a single adapter goes the linear way, at its own rank: w s B A exactly, whatever the
+    type asked (its options are still checked)."""
     model = load(mp, saved["same"])
-    model.add_weighted_adapter(["b"], [-0.5], "m", combination_type="ties", density=0.3)
+    model.add_weighted_adapter(["b"], [-0.5], "m", **options)
+    assert model.peft_config["m"].r == 4
     expected = weighted_deltas(model, ["b"], [-0.5])
     for name, delta in merged_delta(model).items():
         torch.testing.assert_close(delta, expected[name], rtol=1e-6, atol=1e-6)
@@ -270,8 +293,8 @@ def test_cma_es_finds_a_minimum_in_the_box():
 
 @pytest.fixture(scope="module")
 def hub():
-    """Three random LoRA adapters; the few examples are labelled by the model with adapter "b", so the
-    best composition is known: w = (0, 1, 0)."""
+    """Three random LoRA adapters, and a task that is adapter "b"'s: match the next-token distributions
+    of the model with "b" (KL per sequence). The best composition is known: w = (0, 1, 0), loss 0."""
     torch.manual_seed(0)
     settings = dict(r=4, lora_alpha=32, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
     model = mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(**settings), adapter_name="a")
@@ -281,47 +304,61 @@ def hub():
     ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(1))
     model.set_adapter("b")
     with torch.no_grad():
-        predicted = model(input_ids=ids).logits.argmax(-1)
+        logits = model(input_ids=ids).logits
     model.set_adapter("a")
-    labels = torch.cat([ids[:, :1], predicted[:, :-1]], dim=1)  # the loss shifts labels by one
-    return model, dict(input_ids=ids, labels=labels)
+
+    def kl_to_b(m) -> float:
+        log_p = m(input_ids=ids).logits.log_softmax(-1)
+        return float(F.kl_div(log_p, logits.log_softmax(-1), log_target=True, reduction="batchmean"))
+
+    labels = torch.cat([ids[:, :1], logits.argmax(-1)[:, :-1]], dim=1)  # b's predictions; the loss shifts by one
+    return model, kl_to_b, dict(input_ids=ids, labels=labels)
 
 
-def loss_with(model, weights, examples) -> float:
-    write_adapter(model, "probe", model.peft_config["lorahub"], compose(model, NAMES, weights))
+def loss_with(model, weights, loss_fn) -> float:
+    """The loss of the LoraHub composition with `weights`, in a temporary adapter."""
+    config = mp.LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"])  # scaling 1, as compose() wants
+    write_adapter(model, "probe", config, compose(model, NAMES, weights))
     model.set_adapter("probe")
     with torch.no_grad():
-        loss = float(model(**examples).loss)
+        loss = loss_fn(model)
     model.set_adapter("a")
     model.delete_adapter("probe")
     return loss
 
 
-def test_lorahub_puts_the_weight_on_the_adapter_of_the_task(hub, tmp_path):
-    model, examples = hub
-    result = mp.lorahub(model, NAMES, examples, budget=40, seed=0)
+def test_lorahub_puts_the_weight_on_the_adapter_of_the_task(hub):
+    model, kl_to_b, _ = hub
+    assert loss_with(model, [0, 1, 0], kl_to_b) == pytest.approx(0, abs=1e-6)
+    result = mp.lorahub(model, NAMES, loss_fn=kl_to_b, budget=40, seed=0)
     weights = np.array(result.weights)
-    assert np.argmax(np.abs(weights)) == 1 and weights[1] > 0.5
-    assert np.abs(weights).max() <= 1.5
+    assert np.argmax(np.abs(weights)) == 1 and 0.7 < weights[1] < 1.3
+    assert np.abs(weights[[0, 2]]).max() < 0.3
     assert result.loss == pytest.approx(result.task_loss + 0.05 * np.abs(weights).mean())
     assert len(result.history) == 40 and result.history[-1] == result.loss
-    uniform = loss_with(model, [1 / 3] * 3, examples)
-    assert result.task_loss < uniform
+    assert result.task_loss < loss_with(model, [1 / 3] * 3, kl_to_b) / 4  # uniform weights
     assert model.active_adapters == ["a"] and not model.training
-    # the composition is a normal LoRA adapter: its loss is the one reported, and it loads in peft
-    model.set_adapter("lorahub")
-    with torch.no_grad():
-        assert float(model(**examples).loss) == pytest.approx(result.task_loss, abs=1e-6)
-    expected = run(model, "lorahub")
-    model.save_pretrained(tmp_path, selected_adapters=["lorahub"])
-    in_peft = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "lorahub")
-    torch.testing.assert_close(run(in_peft, "default"), expected, rtol=0, atol=1e-5)
-    model.set_adapter("a")
     model.delete_adapter("lorahub")
 
 
+def test_lorahub_on_examples_leaves_a_normal_adapter(hub, tmp_path):
+    """With labelled examples the loss is the model's own; the adapter left behind has that loss, saves,
+    and loads in peft."""
+    model, _, examples = hub
+    result = mp.lorahub(model, NAMES, examples, adapter_name="hub", budget=8)
+    model.set_adapter("hub")
+    with torch.no_grad():
+        assert float(model(**examples).loss) == pytest.approx(result.task_loss, abs=1e-6)
+    expected = run(model, "hub")
+    model.save_pretrained(tmp_path, selected_adapters=["hub"])
+    in_peft = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "hub")
+    torch.testing.assert_close(run(in_peft, "default"), expected, rtol=0, atol=1e-5)
+    model.set_adapter("a")
+    model.delete_adapter("hub")
+
+
 def test_lorahub_bad_input_changes_nothing(hub):
-    model, examples = hub
+    model, _, examples = hub
     configs = dict(model.peft_config)
     with pytest.raises(ValueError, match="either examples"):
         mp.lorahub(model, NAMES)

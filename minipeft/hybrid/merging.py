@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -161,18 +162,15 @@ def svd_factors(delta: torch.Tensor, merge: Merge) -> tuple[torch.Tensor, torch.
 def merge_layer(layer: LoraLayer, adapters, weights, merge: Merge) -> tuple[torch.Tensor, torch.Tensor]:
     """The new adapter's A (rank, fan_in) and B (d_out, rank) on one layer; nothing is changed."""
     pairs, kind = present(layer, adapters, weights), merge.combination_type
-    d_out, fan_in = layer_types.matrix_shape(innermost(layer))
-    if kind == "cat":
-        a = torch.zeros(merge.rank, fan_in, dtype=layer.factors(pairs[0][0])[0].dtype)
-        b = torch.zeros(d_out, merge.rank, dtype=a.dtype)
+    if kind == "cat":  # the adapters' ranks side by side; zeros for the ranks of adapters this layer lacks
         parts = [(fa.detach() * w * layer.scaling[n], fb.detach()) for n, w in pairs for fa, fb in [layer.factors(n)]]
-        a[: sum(p.shape[0] for p, _ in parts)] = torch.cat([p for p, _ in parts])
-        b[:, : sum(p.shape[1] for _, p in parts)] = torch.cat([p for _, p in parts], dim=1)
-        return a, b
+        a, b = torch.cat([p for p, _ in parts]), torch.cat([p for _, p in parts], dim=1)
+        return F.pad(a, (0, 0, 0, merge.rank - a.shape[0])), F.pad(b, (0, merge.rank - b.shape[1]))
     if kind in SVD_TYPES:
         base = innermost(layer)
         deltas = [layer_types.to_stored(base, layer.delta_weight(n).detach()) for n, _ in pairs]
-        combined = RULES[SVD_TYPES[kind]](deltas, torch.tensor([w for _, w in pairs]), merge.density, merge.sign_method)
+        weights = torch.tensor([w for _, w in pairs], device=deltas[0].device)
+        combined = RULES[SVD_TYPES[kind]](deltas, weights, merge.density, merge.sign_method)
         return svd_factors(_as_matrix(base, combined).float(), merge)
     scaled = [w * layer.scaling[n] for n, w in pairs]  # sqrt|c| on both factors, the sign on A's side
     weights_a = [(1 if c >= 0 else -1) * math.sqrt(abs(c)) for c in scaled]
@@ -186,11 +184,15 @@ def lora_layers(peft_model: PeftModel, adapters: Sequence[str]) -> dict[str, Lor
     """{target name: layer} of the LoRA layers that hold any of `adapters`, in module order. The target
     name is the module's name in the base model (a LoRA layer inside another method's wrapper sits at
     `<name>.base_layer`)."""
-    return {
-        re.sub(r"(\.base_layer)+$", "", name): m
-        for name, m in peft_model.base_model.model.named_modules()
-        if isinstance(m, LoraLayer) and any(a in m.adapter_names() for a in adapters)
-    }
+    layers: dict[str, LoraLayer] = {}
+    for name, m in peft_model.base_model.model.named_modules():
+        if isinstance(m, LoraLayer) and any(a in m.adapter_names() for a in adapters):
+            target = re.sub(r"(\.base_layer)+$", "", name)
+            if target in layers:
+                raise ValueError(f"{target} holds these adapters in two LoRA layers (one wrapped around another "
+                                 "method's wrapper); merge the adapters of each layer separately")  # fmt: skip
+            layers[target] = m
+    return layers
 
 
 def holder(peft_model: PeftModel, name: str, adapter_name: str) -> LoraLayer:
@@ -313,8 +315,8 @@ def add_weighted_adapter(
     configs = check_sources(peft_model, adapters, weights, adapter_name)
     layers = lora_layers(peft_model, adapters)
     rank = check_merge(layers, configs, combination_type, svd_rank, density, majority_sign_method, svd_clamp)
-    if len(adapters) == 1:
-        combination_type = "linear"
+    if len(adapters) == 1:  # peft's rule; the rank is then the adapter's own
+        combination_type, rank = "linear", configs[0].r
     merge = Merge(combination_type, rank, density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
     with torch.no_grad():
         factors = {name: merge_layer(layer, adapters, weights, merge) for name, layer in layers.items()}
