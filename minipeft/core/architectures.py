@@ -27,22 +27,21 @@ _LLAMA_LIKE = {
     "attn_out": r".*\.self_attn\.o_proj",
     "ffn_in": r".*\.mlp\.(gate|up)_proj",
     "ffn_out": r".*\.mlp\.down_proj",
-    "ffn": r".*\.layers\.\d+\.mlp",
+    "ffn": r"(?:.*\.)?layers\.\d+\.mlp",
 }
 
 
-def _bert_like(attention: str) -> dict[str, str]:
-    """BERT and ViT: `attention.<attention>.query`, a split FFN (`intermediate`, `output`)."""
-    return {
-        "q": rf".*\.attention\.{attention}\.query",
-        "k": rf".*\.attention\.{attention}\.key",
-        "v": rf".*\.attention\.{attention}\.value",
-        "attn_out": r".*\.attention\.output\.dense",
-        "ffn_in": r".*\.intermediate\.dense",
-        "ffn_out": r".*layer\.\d+\.output\.dense",
-        # BERT's and ViT's `output(h, x)` adds the FFN input x back itself: the parallel adapter wraps it.
-        "ffn": r".*layer\.\d+\.output",
-    }
+_BERT_LIKE = {
+    "q": r".*\.attention\.self\.query",
+    "k": r".*\.attention\.self\.key",
+    "v": r".*\.attention\.self\.value",
+    "attn_out": r".*\.attention\.output\.dense",
+    "ffn_in": r".*\.intermediate\.dense",
+    "ffn_out": r".*layer\.\d+\.output\.dense",
+    # BERT's FFN is split (`intermediate`, `output`); `output(h, x)` adds the FFN input x back itself:
+    # the parallel adapter wraps it.
+    "ffn": r".*layer\.\d+\.output",
+}
 
 
 ARCHITECTURES: dict[str, dict[str, str]] = {
@@ -53,16 +52,24 @@ ARCHITECTURES: dict[str, dict[str, str]] = {
         "attn_out": r".*\.attn\.c_proj",
         "ffn_in": r".*\.mlp\.c_fc",
         "ffn_out": r".*\.mlp\.c_proj",
-        "ffn": r".*\.h\.\d+\.mlp",
+        "ffn": r"(?:.*\.)?h\.\d+\.mlp",
     },
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
-    "bert": _bert_like("self"),
-    "roberta": _bert_like("self"),
-    "vit": _bert_like("attention"),
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "vit": {  # transformers 5 names: layers.N.attention.{q,k,v,o}_proj, layers.N.mlp.{fc1,fc2}
+        "q": r".*\.attention\.q_proj",
+        "k": r".*\.attention\.k_proj",
+        "v": r".*\.attention\.v_proj",
+        "attn_out": r".*\.attention\.o_proj",
+        "ffn_in": r".*\.mlp\.fc1",
+        "ffn_out": r".*\.mlp\.fc2",
+        "ffn": r"(?:.*\.)?layers\.\d+\.mlp",
+    },
 }
 for _roles in ARCHITECTURES.values():
     _roles.setdefault("linear", "|".join(f"(?:{_roles[r]})" for r in ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")))
