@@ -113,17 +113,23 @@ def run(model, name: str = "m") -> torch.Tensor:
 
 
 def cases():
+    """(adapters, combination type, options) of every comparison with peft."""
     for t in COMBINATION_TYPES:
-        yield pytest.param("same", t, id=f"same-rank-{t}")
+        yield pytest.param("same", t, {"density": DENSITY.get(t)}, id=f"same-rank-{t}")
     for t in ("cat", "svd", "ties_svd", "dare_ties_svd"):
-        yield pytest.param("mixed", t, id=f"mixed-rank-{t}")
+        yield pytest.param("mixed", t, {"density": DENSITY.get(t)}, id=f"mixed-rank-{t}")
     for t in ("linear", "cat", "svd", "dare_ties", "ties_svd", "dare_linear_svd"):
-        yield pytest.param("embedding", t, id=f"embedding-{t}")
+        yield pytest.param("embedding", t, {"density": DENSITY.get(t)}, id=f"embedding-{t}")
+    frequency = {"density": 0.3, "majority_sign_method": "frequency"}
+    yield pytest.param("same", "ties", frequency, id="ties-frequency")
+    yield pytest.param("same", "dare_ties_svd", frequency, id="dare_ties_svd-frequency")
+    yield pytest.param("mixed", "svd", {"svd_rank": 3, "svd_clamp": 0.9}, id="svd-rank-clamp")
+    yield pytest.param("mixed", "magnitude_prune_svd", {"density": 0.2, "svd_rank": 6}, id="magnitude_prune_svd-rank")
 
 
-@pytest.mark.parametrize("kind,combination_type", list(cases()))
-def test_same_adapter_as_peft(saved, kind, combination_type):
-    ours, theirs = merged_pair(saved, kind, combination_type, density=DENSITY.get(combination_type))
+@pytest.mark.parametrize("kind,combination_type,options", list(cases()))
+def test_same_adapter_as_peft(saved, kind, combination_type, options):
+    ours, theirs = merged_pair(saved, kind, combination_type, **options)
     mine, peft_side = tensors(ours), tensors(theirs)
     assert mine.keys() == peft_side.keys()
     assert ours.peft_config["m"].r == theirs.peft_config["m"].r
