@@ -262,3 +262,17 @@ def test_weights_and_config_from_different_saves_are_refused(tmp_path):
     (tmp_path / "x" / "adapter_model.safetensors").replace(tmp_path / "y" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="saved with another adapter_config.json"):
         mp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "y")
+
+
+def test_ia3_unmerge_is_exact_even_with_a_zero_in_the_vector():
+    model = mp.get_peft_model(tiny_gpt2(), mp.IA3Config(target_modules=["c_attn", "mlp.c_proj"],
+                                                        feedforward_modules=["mlp.c_proj"], init_ia3_weights=False))
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        layer.ia3_l["default"][3] = 0.0  # a feature switched off entirely
+    before = snapshot(tiny_gpt2())
+    expected = logits(model)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    assert_same(model.unload(), before)  # bit-exact base weights again, no NaN

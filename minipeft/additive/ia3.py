@@ -48,6 +48,9 @@ class IA3Layer(TunerLayer):
 
     adapter_layer_names = ("ia3_l",)
     base_types = (nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d)  # peft's
+    # Unmerge puts the overwritten entries back instead of dividing by l: exact, and a zero in l (a feature
+    # switched off) cannot turn the base weights into NaN. It costs a copy of the changed entries while merged.
+    exact_unmerge = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -98,10 +101,6 @@ class IA3Layer(TunerLayer):
         result = self.base_layer(x * self._factor(x, True), *args, **kwargs)  # (..., d_in) scaled on the way in
         return result * self._factor(result, False)  # (..., d_out) scaled on the way out
 
-    def _original(self, name: str, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The base tensor before `name` was merged (during unmerge it is still scaled by it)."""
-        return tensor / scale if name in self.merged_adapters else tensor
-
     def delta_weight(self, name: str) -> torch.Tensor:
         """diag(l) W - W (outputs) or W diag(l) - W (feed-forward inputs), W as a matrix (d_out, fan_in)."""
         weight = layer_types.weight_matrix(innermost(self))  # (d_out, fan_in)
@@ -111,7 +110,7 @@ class IA3Layer(TunerLayer):
         else:
             scale = vector.view(-1, 1, 1)  # (d_out, 1, 1)
             weight = weight.reshape(weight.shape[0], 1, -1)
-        return ((scale - 1) * self._original(name, weight, scale)).reshape(weight.shape[0], -1)
+        return ((scale - 1) * weight).reshape(weight.shape[0], -1)
 
     def delta_bias(self, name: str) -> torch.Tensor | None:
         """l * b - b for outputs; the bias comes after a feed-forward layer's input scaling: unchanged."""
@@ -119,7 +118,7 @@ class IA3Layer(TunerLayer):
         if self.is_feedforward[name] or bias is None:
             return None
         vector = self.ia3_l[name].flatten().to(bias.dtype)  # (out,)
-        return (vector - 1) * self._original(name, bias, vector)
+        return (vector - 1) * bias
 
 
 class IA3Method(Method):
