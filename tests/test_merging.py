@@ -44,6 +44,7 @@ EMBEDDING = {
 }
 DENSITY = {t: 0.5 for t in COMBINATION_TYPES if t not in ("linear", "cat", "svd")}
 SEED = 11
+RULES_ON_FACTORS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # bit-equal to peft
 
 
 def save_all(folder, settings: dict) -> None:
@@ -379,3 +380,57 @@ def test_lorahub_bad_input_changes_nothing(hub):
     with pytest.raises(RuntimeError, match="the loss failed"):
         mp.lorahub(model, NAMES, loss_fn=failing)
     assert model.peft_config == configs and model.active_adapters == ["a"]
+
+
+# -- convolutions ------------------------------------------------------------------------------------------
+
+
+def conv_pair(lib, targets: list[str]):
+    """Two LoRA adapters with random factors on the tiny conv net of test_layer_types."""
+    from tests.test_layer_types import TinyConvNet
+
+    torch.manual_seed(5)
+    settings = dict(r=2, init_lora_weights=False)
+    model = lib.get_peft_model(TinyConvNet(), lib.LoraConfig(lora_alpha=4, target_modules=targets, **settings), "a")
+    model.add_adapter("b", lib.LoraConfig(lora_alpha=2, target_modules=targets[1:], **settings))
+    return model
+
+
+@pytest.mark.parametrize(
+    "combination_type,targets",
+    [
+        ("linear", ["conv1", "conv2", "head", "emb"]),
+        ("cat", ["conv1", "conv2", "head", "emb"]),
+        ("dare_ties", ["conv1", "conv2", "head"]),
+        ("svd", ["conv2", "head", "emb"]),  # peft's svd takes a Conv1d's update as a batch of matrices
+        ("ties_svd", ["conv2", "head"]),
+    ],
+)
+def test_convolutions_as_peft(combination_type, targets):
+    from tests.test_layer_types import IDS as CONV_IDS
+
+    ours, theirs = conv_pair(mp, targets), conv_pair(peft, targets)
+    theirs.load_state_dict(ours.state_dict())  # the same factors in both
+    options = {"density": 0.5} if combination_type in DENSITY else {}
+    torch.manual_seed(SEED)
+    ours.add_weighted_adapter(["a", "b"], [0.8, -1.1], "m", combination_type=combination_type, **options)
+    peft_merge(theirs, ["a", "b"], [0.8, -1.1], "m", combination_type=combination_type, **options)
+    mine, peft_side = tensors(ours), tensors(theirs)
+    assert mine.keys() == peft_side.keys()
+    for key, value in peft_side.items():
+        torch.testing.assert_close(mine[key], value, rtol=0, atol=0 if combination_type in RULES_ON_FACTORS else 1e-6)
+    ours.set_adapter("m")
+    theirs.set_adapter("m")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(input_ids=CONV_IDS).logits, theirs(input_ids=CONV_IDS).logits, rtol=0, atol=1e-5
+        )
+
+
+def test_svd_of_a_conv1d_update():
+    """The update of a Conv1d as its (out, in * k) matrix: svd at full rank gives it back exactly."""
+    model = conv_pair(mp, ["conv1", "conv1"])
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "m", combination_type="svd", svd_rank=4)
+    expected = weighted_deltas(model, ["a", "b"], [1.0, 1.0])
+    for name, delta in merged_delta(model).items():
+        torch.testing.assert_close(delta, expected[name], rtol=0, atol=1e-5)
