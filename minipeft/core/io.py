@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,18 +70,19 @@ def save_adapter(directory: str | os.PathLike, config: dict, tensors: dict[str, 
 
 def _weights_for(directory: Path, config_text: str) -> Path:
     """The weights file saved with this config: the current one, or the previous one if a save was cut
-    short between its two renames. Files without a recorded hash (written by peft) are taken as they are."""
+    short between its two renames. Files without a recorded hash (written by peft) are taken as they are;
+    so is a config edited by hand after saving (with a warning: it no longer is the one saved)."""
     digest = hashlib.sha256(config_text.encode()).hexdigest()
-    for path in (directory / WEIGHTS_NAME, directory / PREVIOUS_WEIGHTS):
+    weights, previous = directory / WEIGHTS_NAME, directory / PREVIOUS_WEIGHTS
+    for path in (weights, previous):
         if path.is_file():
             with safe_open(path, "pt") as f:
                 recorded = (f.metadata() or {}).get(CONFIG_HASH)
             if recorded in (None, digest):
                 return path
-    raise ValueError(
-        f"{directory}: {WEIGHTS_NAME} was saved with another {CONFIG_NAME} (an interrupted save of another "
-        "adapter?) and no matching earlier weights are left; re-save the adapter"
-    )
+    warnings.warn(f"{directory}: {CONFIG_NAME} changed after {WEIGHTS_NAME} was saved; loading them together",
+                  stacklevel=3)  # fmt: skip
+    return weights
 
 
 def load_adapter_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
