@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # a text bar: a widget bar needs a kernel and would stay frozen on the static page
 
 from .data import TextClassificationData, scale, tokenize
 
