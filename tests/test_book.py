@@ -72,7 +72,7 @@ def test_pages_load_nothing_from_the_network():
         assert not remote, f"{doc} loads {remote}"
         if 'class="math' not in page:
             continue
-        mathjax = re.findall(r'<script[^>]+src="([^"]*tex-chtml\.js)"', page)
+        mathjax = re.findall(r'<script[^>]+src="([^"?]*tex-chtml\.js)(?:\?[^"]*)?"', page)  # sphinx adds ?v=<hash>
         assert mathjax, f"{doc}: math but no MathJax script"
         assert (result.html / doc).parent.joinpath(mathjax[0]).resolve().is_file(), f"{doc}: {mathjax[0]} missing"
 
