@@ -114,8 +114,8 @@ class IntrinsicLayer(TunerLayer):
         return list(self.fastfood.keys())
 
     def add_adapter(self, name: str, config: IntrinsicConfig) -> None:
-        """This layer's rows of P, from its own seed (`config.projection_prng_key` and its place among the
-        adapter's layers, which `IntrinsicMethod.link` gives it with theta_d)."""
+        """Only a placeholder: theta_d is shared by every layer and each layer's seed depends on its place among
+        them, so `IntrinsicMethod.link` builds the adapter (`attach`) once all layers are wrapped."""
         self.fastfood[name] = nn.Module()  # a placeholder: the adapter spans layers, `link` builds it
 
     def attach(self, name: str, config: IntrinsicConfig, theta: nn.Parameter, seed: int, owner: bool) -> None:
