@@ -84,7 +84,7 @@ class PrefixTuningMethod(PromptMethod):
             raise ValueError("prefix tuning needs input_ids=... (or inputs_embeds=... outside generate) by keyword")
         model = peft_model.base_model.model
         batch, length = ref.shape[:2]
-        n = peft_model.peft_config[name].num_virtual_tokens
+        n = embedding.prompt_config[name].num_virtual_tokens
         check_length(model, n, length)
         layers, heads, head_dim = kv_shape(model)
         table = embedding.prompt_encoder[name]().to(embedding.weight.dtype)  # (n, L * 2 * d_kv)

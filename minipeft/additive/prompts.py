@@ -71,10 +71,12 @@ class PromptLayer(TunerLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.prompt_encoder = nn.ModuleDict()
+        self.prompt_config: dict[str, PromptLearningConfig] = {}  # each adapter's resolved config (a hybrid's part)
         self.vocab_size = self.weight.shape[0]  # ids >= vocab_size are virtual tokens
 
     def add_adapter(self, name: str, config: PromptLearningConfig) -> None:
         self.prompt_encoder[name] = REGISTRY[config.peft_type].build_encoder(config, self)
+        self.prompt_config[name] = config
 
     def active(self) -> str | None:
         """The adapter whose prompt runs now, or None (disabled, or no active adapter is a prompt)."""
@@ -157,7 +159,7 @@ class PromptMethod(Method):
         if kwargs.get("position_ids") is not None:
             raise ValueError("prompt methods choose the positions themselves; do not pass position_ids")
         batch, length = (ids if ids is not None else embeds).shape[:2]
-        n = peft_model.peft_config[name].num_virtual_tokens
+        n = embedding.prompt_config[name].num_virtual_tokens
         check_length(peft_model.base_model.model, n, length)
         device = (ids if ids is not None else embeds).device
         if ids is not None:
@@ -197,4 +199,5 @@ def fold_prompt_encoder(peft_model: nn.Module, adapter_name: str | None = None) 
     with torch.no_grad():
         table = encoder().detach().clone()  # (n, width)
     embedding.prompt_encoder[name] = PromptTable(table).requires_grad_(trainable)
+    embedding.prompt_config[name] = embedding.prompt_config[name].folded()
     peft_model.peft_config[name] = peft_model.peft_config[name].folded()

@@ -123,7 +123,7 @@ class Method:
     """
 
     config_cls: type[PeftConfig]
-    layer_cls: type[nn.Module]
+    layer_cls: type[nn.Module] | None  # None for a hybrid, whose `parts` bring their own layers
     default_roles: tuple[str, ...] = ()
 
     def resolve(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
@@ -140,6 +140,11 @@ class Method:
             names = [n for n in names if n not in full]
         return names
 
+    def parts(self, config: PeftConfig) -> list[PeftConfig] | None:
+        """A hybrid method (chapter 08) is made of other methods: the configs of its parts, each injected
+        under the same adapter name by its own method. None (the default): the method wraps layers itself."""
+        return None
+
     def link(self, model: nn.Module, config: PeftConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
         """After every target got its adapter: build what spans layers (a shared vector, a global budget,
         which layers play which role). `layers` maps each target's name to its wrapper. Default: nothing."""
@@ -149,7 +154,10 @@ class Method:
     ) -> dict[str, Any]:
         """Rewrite the keyword inputs of `PeftModel.forward` / `.generate` for the active adapter
         `adapter_name` before the base model sees them. Methods that wrap layers change nothing;
-        prompt methods (chapter 04) prepend virtual tokens or pass key/value prefixes here."""
+        prompt methods (chapter 04) prepend virtual tokens or pass key/value prefixes here. A hybrid
+        lets each of its parts rewrite them in turn."""
+        for part in self.parts(peft_model.peft_config[adapter_name]) or []:
+            kwargs = REGISTRY[part.peft_type].prepare_inputs(peft_model, kwargs, adapter_name, generating)
         return kwargs
 
 

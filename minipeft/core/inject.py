@@ -59,39 +59,10 @@ def inject_adapter(
     """Add the adapter `config` describes to `model` under `adapter_name`; returns the resolved config.
     `fill()`, if given, runs last (loading the adapter's tensors from a file). All or nothing: on any
     error, `fill`'s included, the model is left as it was."""
-    method = REGISTRY[config.peft_type]
-    names = method.targets(model, config)
-    _check_targets(model, names, method.layer_cls, adapter_name)
-    config = method.resolve(model, config)
-    if getattr(config, "fan_in_fan_out", None) is False and any(
-        isinstance(innermost(model.get_submodule(n)), Conv1D) for n in names
-    ):  # recorded for peft, which reads from the file that GPT-2's Conv1D stores its weight as (in, out)
-        config = dataclasses.replace(config, fan_in_fan_out=True)
-    saves = find_targets(model, config.modules_to_save) if config.modules_to_save else []
     wrapped: list[tuple[str, nn.Module]] = []  # (name, module it replaced), to undo on failure
     holders: list[AdapterWrapper] = []  # wrappers that got the adapter, to undo on failure
     try:
-        layers = {}
-        for name in names:
-            module = model.get_submodule(name)
-            if not isinstance(module, method.layer_cls):
-                layer = method.layer_cls(module).train(module.training)
-                replace_module(model, name, layer)
-                wrapped.append((name, module))
-                module = layer
-            module.add_adapter(adapter_name, config)
-            holders.append(module)
-            layers[name] = module
-        method.link(model, config, adapter_name, layers)
-        for name in saves:
-            module = model.get_submodule(name)
-            if not isinstance(module, ModulesToSaveWrapper):
-                layer = ModulesToSaveWrapper(module)
-                replace_module(model, name, layer)
-                wrapped.append((name, module))
-                module = layer
-            module.add_adapter(adapter_name)
-            holders.append(module)
+        config = _inject(model, config, adapter_name, wrapped, holders)
         if fill is not None:
             fill()
     except BaseException:
@@ -101,6 +72,49 @@ def inject_adapter(
         for name, module in reversed(wrapped):
             replace_module(model, name, module)
         raise
+    return config
+
+
+def _inject(
+    model: nn.Module, config: PeftConfig, adapter_name: str, wrapped: list, holders: list[AdapterWrapper]
+) -> PeftConfig:
+    """The steps of ARCHITECTURE.md for one method; a hybrid's parts in turn, under the same name.
+    Records in `wrapped` and `holders` what it changed, for `inject_adapter` to undo on failure."""
+    method = REGISTRY[config.peft_type]
+    parts = method.parts(config)
+    if parts is not None:
+        for part in parts:  # each part is checked before its first change, and undone with the rest on failure
+            _inject(model, part, adapter_name, wrapped, holders)
+        return method.resolve(model, config)
+    names = method.targets(model, config)
+    _check_targets(model, names, method.layer_cls, adapter_name)
+    config = method.resolve(model, config)
+    if getattr(config, "fan_in_fan_out", None) is False and any(
+        isinstance(innermost(model.get_submodule(n)), Conv1D) for n in names
+    ):  # recorded for peft, which reads from the file that GPT-2's Conv1D stores its weight as (in, out)
+        config = dataclasses.replace(config, fan_in_fan_out=True)
+    saves = find_targets(model, config.modules_to_save) if config.modules_to_save else []
+    layers = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, method.layer_cls):
+            layer = method.layer_cls(module).train(module.training)
+            replace_module(model, name, layer)
+            wrapped.append((name, module))
+            module = layer
+        module.add_adapter(adapter_name, config)
+        holders.append(module)
+        layers[name] = module
+    method.link(model, config, adapter_name, layers)
+    for name in saves:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            layer = ModulesToSaveWrapper(module)
+            replace_module(model, name, layer)
+            wrapped.append((name, module))
+            module = layer
+        module.add_adapter(adapter_name)
+        holders.append(module)
     return config
 
 
