@@ -145,6 +145,11 @@ class Method:
         under the same adapter name by its own method. None (the default): the method wraps layers itself."""
         return None
 
+    def depends_on(self, config: PeftConfig) -> list[str]:
+        """Names of other adapters this adapter is built on (AdapterFusion's fused adapters, chapter 08):
+        `PeftModel.delete_adapter` refuses to delete them while it exists. Default: none."""
+        return []
+
     def link(self, model: nn.Module, config: PeftConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
         """After every target got its adapter: build what spans layers (a shared vector, a global budget,
         which layers play which role). `layers` maps each target's name to its wrapper. Default: nothing."""

@@ -122,11 +122,17 @@ def adapter_parameters(model: nn.Module, adapter_name: str, buffers: bool = Fals
     """Every tensor that belongs to one adapter, under its file key (peft's: the module path and the
     parameter path with the adapter's own level left out; a `modules_to_save` copy under the module's
     own name). Built from the parts, so any adapter name works, also one equal to a module name.
-    With buffers=True also the adapter's buffers: saved state that does not train (a sparse update's indices)."""
+    With buffers=True also the adapter's buffers: saved state that does not train (a sparse update's indices).
+    A wrapper inside another (a module wrapped by two methods) keys its tensors by the outer one's module
+    path, so an adapter's file does not depend on what wrapped its layers after it."""
     out = {}
-    for module_name, module in model.named_modules():
+    site: dict[int, str] = {}  # id of a wrapper's base_layer -> the module path its tensors are saved under
+    for module_name, module in model.named_modules():  # outer wrappers come before the ones they wrap
         if not isinstance(module, AdapterWrapper):
             continue
+        module_name = site.get(id(module), module_name)
+        if hasattr(module, "base_layer"):
+            site[id(module.base_layer)] = module_name
         attrs = getattr(module, "adapter_layer_names", ("modules_to_save",))
         for attr in attrs:
             holder = getattr(module, attr)

@@ -150,6 +150,9 @@ class PeftModel(nn.Module):
         """Remove an adapter and all its state. A merged one is unmerged first; deleting an active one makes
         the remaining active adapters (or else the first remaining adapter) active, as in peft."""
         self._check_names([adapter_name])
+        users = [n for n, c in self.peft_config.items() if adapter_name in REGISTRY[c.peft_type].depends_on(c)]
+        if users:
+            raise ValueError(f"adapter {adapter_name!r} is used by {users}, built on it: delete {users} first")
         if len(self.peft_config) == 1:
             raise ValueError(f"{adapter_name!r} is this model's only adapter; unload() returns the plain base model")
         for layer in self._tuner_layers():
@@ -239,7 +242,7 @@ class PeftModel(nn.Module):
 
     def _unwrap(self, keep_copies: bool = True) -> nn.Module:
         model = self.base_model.model
-        for name, module in list(model.named_modules()):
+        for name, module in reversed(list(model.named_modules())):  # innermost first: twice-wrapped modules end plain
             if isinstance(module, TunerLayer):
                 replace_module(model, name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
