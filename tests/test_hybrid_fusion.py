@@ -123,6 +123,34 @@ def test_fusing_copies_of_one_adapter_starts_as_that_adapter():
     torch.testing.assert_close(outputs(model, IDS), alone, rtol=0, atol=1e-5)
 
 
+def test_trained_to_reproduce_one_adapter_the_fusion_attends_to_it():
+    model = with_adapters("gpt2")
+    model.set_adapter("b")
+    with torch.no_grad():
+        target = outputs(model, IDS)  # the model with adapter b alone: the known answer is "attend to b"
+    model.add_adapter("fusion", FusionConfig(adapter_names=FUSED))
+    model.set_adapter("fusion")
+    seen = {}  # site -> the sublayer output h its fusion read last
+    for name, layer in sites(model).items():
+        layer.base_layer.register_forward_hook(lambda m, args, h, name=name: seen.__setitem__(name, (args[0], h)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = (outputs(model, IDS) - target).pow(2).mean()
+        opt.zero_grad()
+        (loss + value_regularization(model, "fusion")).backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 4
+    with torch.no_grad():
+        outputs(model, IDS)
+        for name, layer in sites(model).items():
+            x, h = seen[name]
+            z = torch.stack([layer.base_layer.contribution(x, h, n) for n in FUSED], dim=-2)  # (B, T, 3, d)
+            weights = layer.adapter_fusion["fusion"].attention(h, z, 1.0).mean((0, 1))  # (3,)
+            assert weights[1] > 0.8, (name, weights)
+
+
 # -- the property suite's own checks, on fused models ----------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(

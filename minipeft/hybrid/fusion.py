@@ -82,11 +82,14 @@ class Fusion(nn.Module):
             nn.init.normal_(self.key.weight, std=0.02)
             self.value.weight.normal_(std=1e-6).fill_diagonal_(1.0)
 
+    def attention(self, h: torch.Tensor, z: torch.Tensor, temperature: float) -> torch.Tensor:
+        """s: each token's weights over the N adapters, from h (B, T, d) and z (B, T, N, d)."""
+        q = self.query(h).unsqueeze(-2)  # (B, T, 1, d)
+        return torch.softmax((q * self.key(z)).sum(-1) / temperature, dim=-1)  # (B, T, N)
+
     def forward(self, h: torch.Tensor, z: torch.Tensor, temperature: float) -> torch.Tensor:
         h, z = h.to(self.query.weight.dtype), z.to(self.query.weight.dtype)
-        q = self.query(h).unsqueeze(-2)  # (B, T, 1, d)
-        scores = (q * self.key(z)).sum(-1) / temperature  # (B, T, N)
-        s = torch.softmax(scores, dim=-1)  # (B, T, N)
+        s = self.attention(h, z, temperature)  # (B, T, N)
         return (s.unsqueeze(-1) * self.value(z)).sum(-2)  # (B, T, N, d) -> (B, T, d)
 
 
