@@ -13,7 +13,7 @@ from .additive import (
     fold_prompt_encoder,
 )
 from .core import PeftConfig, PeftModel, get_peft_model
-from .hybrid import LoraHubResult, lorahub
+from .hybrid import FusionConfig, LoraHubResult, MAMConfig, UniPELTConfig, gate_values, lorahub, value_regularization
 from .quant import NF4Config
 from .reparameterized import (
     AdaLoraConfig,
@@ -42,6 +42,7 @@ __all__ = [
     "BitFitConfig",
     "DiffPruningConfig",
     "FishMaskConfig",
+    "FusionConfig",
     "IA3Config",
     "IntrinsicConfig",
     "LNTuningConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "LoraHubResult",
+    "MAMConfig",
     "NF4Config",
     "PTuningConfig",
     "ParallelAdapterConfig",
@@ -58,10 +60,13 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "RankAllocator",
+    "UniPELTConfig",
     "VeraConfig",
     "fold_prompt_encoder",
+    "gate_values",
     "get_peft_model",
     "lorahub",
     "project_to_budget",
     "select_by_fisher",
+    "value_regularization",
 ]

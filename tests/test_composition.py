@@ -12,10 +12,12 @@ import copy
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 from transformers import DynamicCache
 
 import minipeft as mp
+from minipeft.core.layers import TunerLayer
 from minipeft.models import tiny_gpt2
 
 IDS = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -104,6 +106,28 @@ def test_a_layer_wrapped_twice_applies_the_inner_wrapper_first():
         ref.attn.c_attn.register_forward_hook(lambda m, args, out, v=vector: out * v)  # (W x + s B A x) * l
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_a_lora_saved_after_an_ia3_wrapped_its_layer_reloads_and_unloads_to_the_plain_base(tmp_path):
+    torch.manual_seed(1)
+    model = mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    model.add_adapter("ia3", mp.IA3Config(target_modules=["c_attn"], feedforward_modules=[], init_ia3_weights=False))
+    model.set_adapter(["default", "ia3"])
+    model.save_pretrained(tmp_path)
+    keys = set(safetensors.torch.load_file(tmp_path / "adapter_model.safetensors"))
+    # the LoRA's keys name its site (peft's layout), not the IA3 wrapper around it
+    assert keys == {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{m}.weight" for i in (0, 1) for m in "AB"}
+    loaded = mp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+    loaded.load_adapter(tmp_path / "ia3", adapter_name="ia3")
+    loaded.set_adapter(["default", "ia3"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=0)
+    plain = model.unload()  # both wrappers gone, innermost first: the base model's own modules again
+    assert not any(isinstance(m, TunerLayer) for m in plain.modules())
+    expected = tiny_gpt2().state_dict()
+    assert plain.state_dict().keys() == expected.keys()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
 def test_two_loras_on_one_layer_add_up():

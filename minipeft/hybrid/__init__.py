@@ -1,7 +1,21 @@
-"""Combining trained adapters: weighted merges of LoRA adapters (`PeftModel.add_weighted_adapter`,
+"""The hybrid family and composition (chapter 08): methods made of other methods (MAM, UniPELT),
+AdapterFusion over trained adapters, weighted merges of LoRA adapters (`PeftModel.add_weighted_adapter`,
 registered by `merging`) and LoraHub's gradient-free search of the merge weights (`lorahub`)."""
 
+from .fusion import FusionConfig, value_regularization
 from .lorahub import LoraHubResult, lorahub
+from .mam import MAMConfig
 from .merging import COMBINATION_TYPES, add_weighted_adapter
+from .unipelt import UniPELTConfig, gate_values
 
-__all__ = ["COMBINATION_TYPES", "LoraHubResult", "add_weighted_adapter", "lorahub"]
+__all__ = [
+    "COMBINATION_TYPES",
+    "FusionConfig",
+    "LoraHubResult",
+    "MAMConfig",
+    "UniPELTConfig",
+    "add_weighted_adapter",
+    "gate_values",
+    "lorahub",
+    "value_regularization",
+]
