@@ -21,6 +21,7 @@ costs 2 d m + m + d parameters. Adapters cannot be merged: act() is nonlinear.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -33,7 +34,13 @@ from ..core.config import Method, PeftConfig, register
 from ..core.layers import TunerLayer, linear_shape
 from ..core.targets import LINEAR_TYPES, find_targets, is_linear
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+# "gelu_new": transformers' name for GELU's tanh approximation (Compacter's released configs use it).
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_new": functools.partial(nn.GELU, approximate="tanh"),
+    "tanh": nn.Tanh,
+}
 
 
 @dataclass
@@ -64,6 +71,21 @@ class AdapterConfig(PeftConfig):
         """The roles (core/architectures.py) whose output gets an adapter."""
         return ("attn_out", "ffn_out") if self.placement == "houlsby" else ("ffn_out",)
 
+    def width(self, d: int) -> int:
+        """The bottleneck m for a site of width d."""
+        return self.bottleneck_size or d // self.reduction_factor
+
+    def projection(self, d_in: int, d_out: int, like: torch.Tensor, up: bool) -> nn.Module:
+        """One of the bottleneck's two maps (d_in -> d_out): a linear layer; the `up` one starts at zero when
+        init_weights. Compacter (hybrid/compacter.py) plugs its PHM layers in here."""
+        layer = nn.Linear(d_in, d_out, device=like.device, dtype=like.dtype)  # (d_out, d_in)
+        if up and self.init_weights:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        elif up:
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+        return layer
+
 
 @dataclass
 class ParallelAdapterConfig(AdapterConfig):
@@ -82,23 +104,18 @@ class Bottleneck(nn.Module):
 
     def __init__(self, d: int, config: AdapterConfig, like: torch.Tensor) -> None:
         super().__init__()
-        m = config.bottleneck_size or d // config.reduction_factor
+        m = config.width(d)
         if m < 1:
             raise ValueError(
                 f"bottleneck size d // reduction_factor = {d} // {config.reduction_factor} = 0; "
                 f"pass bottleneck_size >= 1 or a reduction_factor <= {d}"
             )
-        self.down = nn.Linear(d, m, device=like.device, dtype=like.dtype)  # (m, d)
+        self.down = config.projection(d, m, like, up=False)  # (m, d)
         self.act = ACTIVATIONS[config.non_linearity]()
-        self.up = nn.Linear(m, d, device=like.device, dtype=like.dtype)  # (d, m)
-        if config.init_weights:
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-        else:
-            nn.init.kaiming_uniform_(self.up.weight, a=math.sqrt(5))
+        self.up = config.projection(m, d, like, up=True)  # (d, m)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(h.to(self.down.weight.dtype))))  # (..., d) -> (..., m) -> (..., d)
+        return self.up(self.act(self.down(h.to(self.down.bias.dtype))))  # (..., d) -> (..., m) -> (..., d)
 
 
 class SerialAdapterLayer(TunerLayer):

@@ -72,6 +72,17 @@ def factorize(dim: int, factor: int, what: str) -> tuple[int, int]:
     return m, dim // m
 
 
+def kron_matvec(w1: torch.Tensor, x: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """(W1 ⊗ W2) x without building the product: with x (..., c d) viewed as a (c, d) matrix X, it is
+    vec(W1 X W2^T). w1 (a, c), w2 (b, d) -> (..., a b). Stacked factors w1 (n, a, c), w2 (n, b, d) give
+    the sum of the n products, sum_i (W1_i ⊗ W2_i) x (Compacter's PHM layer, hybrid/compacter.py)."""
+    stack = "n" if w1.dim() == 3 else ""
+    grid = x.reshape(*x.shape[:-1], w1.shape[-1], w2.shape[-1])  # (..., c, d)
+    # einsum's contraction order, unlike chained @, does not depend on requires_grad.
+    out = torch.einsum(f"{stack}ac,...cd,{stack}bd->...ab", w1, grid, w2)  # (..., a, b)
+    return out.reshape(*x.shape[:-1], w1.shape[-2] * w2.shape[-2])  # (..., a b)
+
+
 class LoKrLayer(TunerLayer):
     """One base layer (a linear or a convolution) with named LoKr adapters; each factor is full (`lokr_w1`)
     or low-rank (`_a`, `_b`). A convolution's kernel goes into W2: (b, d, *kernel), or W2b (r, d * k)."""
@@ -84,7 +95,6 @@ class LoKrLayer(TunerLayer):
         for attr in self.adapter_layer_names:
             setattr(self, attr, nn.ParameterDict())
         self.scaling: dict[str, float] = {}
-        self.factors: dict[str, tuple[int, int, int, int]] = {}  # (a, b, c, d) per adapter
 
     def adapter_names(self) -> list[str]:
         return [*self.lokr_w1.keys(), *self.lokr_w1_a.keys()]
@@ -96,7 +106,7 @@ class LoKrLayer(TunerLayer):
         a, b = factorize(d_out, config.decompose_factor, "d_out")
         c, d = factorize(fan_in // math.prod(kernel), config.decompose_factor, "d_in")
         r, weight = config.r, self.weight
-        self.factors[name], self.scaling[name] = (a, b, c, d), config.alpha / r
+        self.scaling[name] = config.alpha / r
 
         def new(attr: str, shape: tuple[int, ...]) -> None:
             getattr(self, attr)[name] = nn.Parameter(torch.empty(shape, device=weight.device, dtype=weight.dtype))
@@ -140,11 +150,8 @@ class LoKrLayer(TunerLayer):
         if layer_types.is_conv(base):  # build Delta W and convolve as the base does
             delta = self.delta_weight(name)  # (d_out, fan_in)
             return result + layer_types.apply_weight(base, x.to(delta.dtype), delta).to(result.dtype)
-        a, b, c, d = self.factors[name]
         w1, w2 = self.factor(1, name), self.factor(2, name)  # (a, c), (b, d)
-        grid = x.to(w1.dtype).reshape(*x.shape[:-1], c, d)  # (..., c, d)
-        # W1 X W2^T; einsum's contraction order, unlike chained @, does not depend on requires_grad.
-        update = torch.einsum("ac,...cd,bd->...ab", w1, grid, w2).reshape(*x.shape[:-1], a * b)  # (..., d_out)
+        update = kron_matvec(w1, x.to(w1.dtype), w2)  # (..., d_out)
         return result + (update * self.scaling[name]).to(result.dtype)
 
 
