@@ -3,6 +3,7 @@ nothing half-written is left on disk (ARCHITECTURE.md, "Failure semantics")."""
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
@@ -33,9 +34,20 @@ def test_rank_below_one(r):
         mp.LoraConfig(r=r)
 
 
-def test_rank_above_layer_size():
-    with pytest.raises(ValueError, match=r"exceeds min\(d_out, fan_in\)"):
-        mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(r=65, target_modules=["c_attn"]))
+def test_rank_above_layer_size_warns_and_a_peft_file_of_that_rank_loads(tmp_path):
+    """peft accepts r > min(d_out, fan_in) (no gain, more parameters): we warn, and its files load here."""
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=65, target_modules=["c_attn"], init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_gpt2(), cfg)
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"r=65 exceeds min\(d_out, fan_in\) = min\(192, 64\).*r <= 64"):
+        ours = mp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+    with pytest.warns(UserWarning, match="exceeds min"):
+        fresh = mp.get_peft_model(tiny_gpt2(), mp.LoraConfig(r=65, target_modules=["c_attn"]))
+    assert fresh.get_nb_trainable_parameters()[0] == 2 * 65 * (64 + 192)  # 2 layers, r (d_in + d_out)
 
 
 @pytest.mark.parametrize("field,value", [("r", "8"), ("lora_alpha", "16"), ("target_modules", 3), ("use_rslora", 1)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import minipeft as mp
 from minipeft.models import tiny_gpt2
@@ -10,16 +11,24 @@ from minipeft.models import tiny_gpt2
 # tiny_gpt2: c_attn is 64 -> 192, so min(d_in, d_out) = 64.
 TOO_HIGH = [
     mp.LoraConfig(r=65, target_modules=["c_attn"], use_dora=True),
-    mp.LoraConfig(r=65, target_modules=["c_attn"], init_lora_weights="pissa"),
     mp.LoHaConfig(r=65, target_modules=["c_attn"]),
     mp.AdaLoraConfig(init_r=65, target_r=8, total_step=10, target_modules=["c_attn"]),
 ]
 
 
 @pytest.mark.parametrize("config", TOO_HIGH, ids=lambda c: type(c).__name__)
-def test_rank_above_min_of_the_layer(config):
-    with pytest.raises(ValueError, match=r"r=65 exceeds min\(d_out, fan_in\) = min\(192, 64\).*Use r <= 64"):
+def test_rank_above_min_of_the_layer_warns(config):
+    with pytest.warns(UserWarning, match=r"r=65 exceeds min\(d_out, fan_in\) = min\(192, 64\).*r <= 64"):
         mp.get_peft_model(tiny_gpt2(), config)
+
+
+def test_pissa_rank_above_min_is_refused_and_the_model_is_unchanged():
+    base = tiny_gpt2()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"PiSSA needs r <= min\(d_out, d_in\) = 64 .*got r=65"):
+        mp.get_peft_model(base, mp.LoraConfig(r=65, target_modules=["c_attn"], init_lora_weights="pissa"))
+    after = base.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_kronecker_factor_must_divide_the_shape():

@@ -11,6 +11,7 @@ Taught in chapter 02.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -34,14 +35,16 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def check_rank(layer: TunerLayer, r: int, method: str) -> None:
-    """A rank above min(d_out, fan_in) of the weight matrix adds parameters but no expressiveness: refuse it."""
+    """A rank above min(d_out, fan_in) of the weight matrix adds parameters but no expressiveness: warn.
+    peft accepts such a rank, so files trained with it must load here too; refusing would strand them."""
     d_out, fan_in = layer_types.matrix_shape(innermost(layer))
     limit = min(d_out, fan_in)
     if r > limit:
-        raise ValueError(
+        warnings.warn(
             f"{method} rank r={r} exceeds min(d_out, fan_in) = min({d_out}, {fan_in}) of this "
-            f"{type(innermost(layer)).__name__}; a rank above that adds parameters but no expressiveness. "
-            f"Use r <= {limit}"
+            f"{type(innermost(layer)).__name__}; a rank above that adds parameters but no expressiveness "
+            f"(r <= {limit} gives the same updates)",
+            stacklevel=2,
         )
 
 

@@ -100,14 +100,22 @@ class PeftModel(nn.Module):
             kwargs = REGISTRY[self.peft_config[name].peft_type].prepare_inputs(self, kwargs, name, generating)
         return kwargs
 
-    def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """The base model's `generate` with the active adapter. Leading columns a method added to
-        `input_ids` (virtual tokens) are dropped from the result, which starts with the caller's ids."""
+    def generate(
+        self, input_ids: torch.Tensor | None = None, adapter_names: list[str] | None = None, **kwargs
+    ) -> torch.Tensor:
+        """The base model's `generate` with the active adapters. Leading columns a method added to
+        `input_ids` (virtual tokens) are dropped from the result, which starts with the caller's ids.
+        `adapter_names`: one adapter per row ("__base__": none), as in `forward`; with beams or several
+        sequences per row, each row's copies keep its adapter (peft does the same)."""
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
         n_in = kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None else None
         kwargs = self._prepare_inputs(kwargs, generating=True)
-        out = self.base_model.model.generate(**kwargs)
+        if adapter_names is None:
+            out = self.base_model.model.generate(**kwargs)
+        else:
+            with self._mixed_batch(adapter_names, list(kwargs.values()), copies=self._copies_per_row(kwargs)):
+                out = self.base_model.model.generate(**kwargs)
         if n_in is None or not isinstance(out, torch.Tensor):
             return out
         return out[:, kwargs["input_ids"].shape[1] - n_in :]
@@ -268,9 +276,16 @@ class PeftModel(nn.Module):
             for m, state in zip(wrappers, before, strict=True):
                 m.disabled = state
 
+    def _copies_per_row(self, kwargs: dict) -> int:
+        """How many rows generate() makes of each input row (beams, sequences per prompt)."""
+        config = kwargs.get("generation_config") or self.base_model.model.generation_config
+        beams = kwargs.get("num_beams", config.num_beams) or 1
+        return max(beams, kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+
     @contextmanager
-    def _mixed_batch(self, adapter_names: list[str], inputs: list) -> Iterator[None]:
-        """Inside the block, row i of the batch runs through adapter adapter_names[i] in every wrapper."""
+    def _mixed_batch(self, adapter_names: list[str], inputs: list, copies: int = 1) -> Iterator[None]:
+        """Inside the block, row i of the batch runs through adapter adapter_names[i] in every wrapper
+        (with `copies` > 1, rows i * copies ... (i + 1) * copies - 1 of what the model sees do)."""
         rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor)), None)
         if not isinstance(adapter_names, (list, tuple)) or rows != len(adapter_names):
             raise ValueError(
@@ -286,7 +301,7 @@ class PeftModel(nn.Module):
             raise ValueError("adapter_names= needs unmerged adapters (a merged one acts on every row); unmerge first")
         wrappers = list(self._wrappers())
         for m in wrappers:
-            m.row_adapters = list(adapter_names)
+            m.row_adapters = [name for name in adapter_names for _ in range(copies)]
         try:
             yield
         finally:

@@ -33,9 +33,12 @@ def pissa_init(layer: TunerLayer, name: str) -> None:
             "unquantized model, then quantize the residual"
         )
     w0 = (weight.T if layer.fan_in_fan_out else weight).float()  # (d_out, d_in)
+    r, limit = layer.lora_A[name].weight.shape[0], min(w0.shape)
+    if r > limit:  # plain LoRA only warns (core/layers.py check_rank); PiSSA has no singular triplet past min
+        raise ValueError(f"PiSSA needs r <= min(d_out, d_in) = {limit} (the number of singular values), got r={r}")
     u, s, vh = torch.linalg.svd(w0, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    r, scaling = lora_a.shape[0], layer.scaling[name]
+    scaling = layer.scaling[name]
     root = (s[:r] / scaling).sqrt()  # (r,): splits sqrt(S_r) between A and B, undoing the scaling s
     lora_a.copy_(root[:, None] * vh[:r])  # (r, d_in)
     lora_b.copy_(u[:, :r] * root)  # (d_out, r)
