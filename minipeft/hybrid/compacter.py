@@ -19,7 +19,7 @@ biases, L blocks with two sites each). Compacter puts adapters after the attenti
 a field, not a class, since the two differ in placement only, the same field AdapterConfig has.
 
 Initialisation follows the released code: A ~ N(0, 1e-4), each s_i and t_i Glorot-uniform with gain sqrt(2),
-biases zero. That does not give exact identity (f(h) is about 1e-8 h), so `init_weights=True` (the default)
+biases zero. That does not give exact identity (|f(h)| is 1e-8 to 1e-7 of |h|), so `init_weights=True` (the default)
 also zeroes the up projection's t_i: f(h) = 0 exactly at start, as other adapters do. Adapters do not merge.
 """
 
