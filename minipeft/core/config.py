@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from .architectures import role_pattern
-from .targets import find_targets
+from .targets import check_pattern, find_targets, matches_pattern
 
 # peft writes these bookkeeping fields into adapter_config.json; we read past them.
 _PEFT_BOOKKEEPING = {"auto_mapping", "revision", "peft_version", "base_model_name_or_path"}
@@ -43,6 +43,13 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            check_pattern(self.target_modules, f"{type(self).__name__}.target_modules")
+
+    def for_module(self, module_name: str) -> PeftConfig:
+        """The config one target module's adapter is built from (`module_name`: its path in the model).
+        The same for every module, unless a method lets settings vary per module (`RankPatterns`)."""
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, with peft's `peft_type` key so peft can read it."""
@@ -71,6 +78,45 @@ class PeftConfig:
                 f"{config_cls.__name__}: ignoring fields minipeft does not implement: {ignored}", stacklevel=2
             )
         return config_cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class RankPatterns(PeftConfig):
+    """peft's `rank_pattern` / `alpha_pattern` for methods with a rank and an alpha (LoRA, LoHa, LoKr):
+    other values for the modules whose names a key matches. A key is a regex that must match the end
+    of the module's path at a dot boundary; the first key that matches wins, as in peft."""
+
+    rank_field: ClassVar[str] = "r"
+    alpha_field: ClassVar[str] = "alpha"
+    # {module name or regex: rank} for the modules that take another rank than `r`; {}: none.
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    # {module name or regex: alpha} for the modules that take another alpha; {}: none.
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cls = type(self).__name__
+        for field, patterns, ok, expected in (
+            ("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+             "positive integers"),
+            ("alpha_pattern", self.alpha_pattern,
+             lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "finite numbers"),
+        ):  # fmt: skip
+            for key, value in patterns.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{cls}.{field} keys are module names or regexes, got {key!r}")
+                check_pattern(key, f"{cls}.{field} key")
+                if not ok(value):
+                    raise ValueError(f"{cls}.{field}[{key!r}] must be one of the {expected}, got {value!r}")
+
+    def for_module(self, module_name: str) -> PeftConfig:
+        values = {}
+        for field, name in ((self.rank_field, "rank_pattern"), (self.alpha_field, "alpha_pattern")):
+            patterns = getattr(self, name)
+            key = next((k for k in patterns if matches_pattern(rf"(.*\.)?({k})", module_name, name)), None)
+            if key is not None:
+                values[field] = patterns[key]
+        return dataclasses.replace(self, **values, rank_pattern={}, alpha_pattern={}) if values else self
 
 
 def _matches(value: Any, annotation: Any) -> bool:

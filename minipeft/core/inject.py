@@ -102,7 +102,7 @@ def _inject(
             replace_module(model, name, layer)
             wrapped.append((name, module))
             module = layer
-        module.add_adapter(adapter_name, config)
+        module.add_adapter(adapter_name, config.for_module(name))
         holders.append(module)
         layers[name] = module
     method.link(model, config, adapter_name, layers)

@@ -3,14 +3,14 @@
 Taught in chapter 02. The rules follow HF peft so readers carry them over:
 
 - a list: a module matches if its full name equals an entry or ends with "." + entry;
-- a string: a regular expression that must match the full module name;
+- a string: a regular expression that must match the full module name (matched with a time bound:
+  a pattern may come from a downloaded adapter_config.json, and one must not hang a load);
 - "all-linear": every linear layer (nn.Linear or GPT-2's Conv1D) except the output head.
 """
 
 from __future__ import annotations
 
-import re
-
+import regex
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -18,6 +18,28 @@ from .architectures import model_type
 from .wrapper import AdapterWrapper
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
+# Longest a pattern may take to match one module name (ordinary patterns take microseconds).
+REGEX_SECONDS = 1.0
+
+
+def check_pattern(pattern: str, field: str) -> None:
+    """Refuse a pattern that is not a regular expression, naming the config field it came from."""
+    try:
+        regex.compile(pattern)
+    except regex.error as error:
+        raise ValueError(f"{field}={pattern!r} is not a valid regular expression: {error}") from None
+
+
+def matches_pattern(pattern: str, name: str, field: str) -> bool:
+    """`pattern` matches all of `name`, within REGEX_SECONDS."""
+    check_pattern(pattern, field)
+    try:
+        return regex.fullmatch(pattern, name, timeout=REGEX_SECONDS) is not None
+    except TimeoutError:
+        raise ValueError(
+            f"{field}={pattern!r} took over {REGEX_SECONDS} s to match the module name {name!r} "
+            "(catastrophic backtracking); use a list of names or a simpler pattern"
+        ) from None
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -37,7 +59,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 def _matches(name: str, target: list[str] | str) -> bool:
     if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
+        return matches_pattern(target, name, "target_modules")
     return any(name == t or name.endswith("." + t) for t in target)
 
 

@@ -25,13 +25,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core import layer_types
-from ..core.config import Method, PeftConfig, register
+from ..core.config import Method, RankPatterns, register
 from ..core.layers import TunerLayer, check_rank, innermost
 from .lora import LORA
 
 
 @dataclass
-class LoHaConfig(PeftConfig):
+class LoHaConfig(RankPatterns):
     peft_type = "LOHA"
     # Rank of each of the two factors; the update's rank can reach r^2. peft's default.
     r: int = 8

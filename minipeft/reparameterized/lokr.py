@@ -26,13 +26,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core import layer_types
-from ..core.config import Method, PeftConfig, register
+from ..core.config import Method, RankPatterns, register
 from ..core.layers import TunerLayer, innermost
 from .lora import LORA
 
 
 @dataclass
-class LoKrConfig(PeftConfig):
+class LoKrConfig(RankPatterns):
     peft_type = "LOKR"
     # Rank of the low-rank factor(s); unused for a factor whose full size is below 2r. peft's default.
     r: int = 8

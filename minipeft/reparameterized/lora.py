@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core import layer_types
-from ..core.config import Method, PeftConfig, register
+from ..core.config import Method, RankPatterns, register
 from ..core.layers import TunerLayer, check_rank, innermost
 from ..core.targets import is_linear
 from . import dora
@@ -30,8 +30,9 @@ from .init import pissa_init
 
 
 @dataclass
-class LoraConfig(PeftConfig):
+class LoraConfig(RankPatterns):
     peft_type = "LORA"
+    alpha_field = "lora_alpha"  # the field alpha_pattern sets (RankPatterns)
     # Rank of the update; 8 is the common default and the LoRA paper finds r = 1-8 enough on GPT-3.
     r: int = 8
     # Numerator of the scaling s = alpha / r; keeping alpha fixed makes lr less sensitive to r.
