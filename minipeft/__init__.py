@@ -13,7 +13,16 @@ from .additive import (
     fold_prompt_encoder,
 )
 from .core import PeftConfig, PeftModel, get_peft_model
-from .hybrid import FusionConfig, LoraHubResult, MAMConfig, UniPELTConfig, gate_values, lorahub, value_regularization
+from .hybrid import (
+    CompacterConfig,
+    FusionConfig,
+    LoraHubResult,
+    MAMConfig,
+    UniPELTConfig,
+    gate_values,
+    lorahub,
+    value_regularization,
+)
 from .quant import NF4Config
 from .reparameterized import (
     AdaLoraConfig,
@@ -40,6 +49,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterConfig",
     "BitFitConfig",
+    "CompacterConfig",
     "DiffPruningConfig",
     "FishMaskConfig",
     "FusionConfig",

@@ -120,3 +120,51 @@ def test_ia3_counts_outputs_and_files_equal_peft(kind, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(out(back), out(theirs), rtol=0, atol=1e-6)
         assert not torch.allclose(out(back), out(MODELS[kind]())), "the peft adapter must change the outputs"
+
+
+# peft's LN tuning has no default norms for BERT: both sides name them
+NORMS = {"CAUSAL_LM": None, "FEATURE_EXTRACTION": ["LayerNorm"]}
+FILE_PAIRS = {
+    **PAIRS,
+    "ln_tuning": (
+        lambda t: mp.LNTuningConfig(init_weights=False, target_modules=NORMS[t]),
+        lambda t: peft.LNTuningConfig(task_type=t, target_modules=NORMS[t]),
+    ),
+}
+
+
+def perturb(model) -> None:
+    """Trained-looking values: every trainable tensor scaled and shifted at random (so that it matters)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(torch.rand_like(p) + 0.5).add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(FILE_PAIRS))
+def test_files_load_both_ways(name, kind, tmp_path):
+    """Prompt, prefix, P-tuning and LN-tuning files: ours load in peft, peft's load here, same outputs. A prompt
+    is stored as peft stores it (the table its encoder computes, `prompt_embeddings`) and loads folded."""
+    ours_cfg = FILE_PAIRS[name][0](TASK[kind]) if name == "ln_tuning" else FILE_PAIRS[name][0]()
+    theirs_cfg = FILE_PAIRS[name][1](TASK[kind])
+    torch.manual_seed(0)
+    ours = mp.get_peft_model(MODELS[kind](), ours_cfg).eval()
+    perturb(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_peft = peft.PeftModel.from_pretrained(MODELS[kind](), tmp_path / "ours").eval()
+        theirs = peft.get_peft_model(MODELS[kind](), theirs_cfg).eval()
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = mp.PeftModel.from_pretrained(MODELS[kind](), tmp_path / "theirs")
+    with torch.no_grad():
+        if name != "ln_tuning":  # filled in from the model's class: without it peft would skip the prompt
+            assert ours.peft_config["default"].task_type == TASK[kind]
+        torch.testing.assert_close(out(in_peft), out(ours), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out(in_ours), out(theirs), rtol=0, atol=1e-5)
+        real = slice(-IDS.shape[1], None)  # the caller's positions (a prompt adds its own in front)
+        assert not torch.allclose(out(in_ours)[:, real], out(MODELS[kind]()), atol=1e-3), "the adapter must matter"
+        again = mp.PeftModel.from_pretrained(MODELS[kind](), tmp_path / "ours")  # our own file, read back
+        torch.testing.assert_close(out(again), out(ours), rtol=0, atol=1e-5)

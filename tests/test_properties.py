@@ -102,11 +102,17 @@ def test_save_load_round_trip(method, kind, tmp_path):
     expected = outputs(model, IDS)
     model.save_pretrained(tmp_path)
     saved = mp.core.io.load_adapter_files(tmp_path)[1]
-    assert set(saved) == set(model.adapter_state_dict()), "the file must hold the adapter and nothing else"
+    # The adapter's tensors, in the form its method's files take (peft's: a prompt as one table, LN tuning as
+    # the trained norms); for the other methods exactly the adapter's parameters.
+    form = REGISTRY[model.peft_config["default"].peft_type].to_file
+    on_file = form(model.base_model.model, "default", model.adapter_state_dict())
+    assert set(saved) == set(on_file), "the file must hold the adapter and nothing else"
+    own_form = on_file.keys() == model.adapter_state_dict().keys()
     base_keys = {"base_model.model." + k for k in MODELS[kind]().state_dict()}
     assert not set(saved) & base_keys, "base model weights leaked into the adapter file"
     loaded = mp.PeftModel.from_pretrained(MODELS[kind](), tmp_path)
-    torch.testing.assert_close(outputs(loaded, IDS), expected, rtol=0, atol=0)
+    # bit-exact, but for a norm stored as base + delta and read back as a delta (one rounding)
+    torch.testing.assert_close(outputs(loaded, IDS), expected, rtol=0, atol=0 if own_form else 1e-6)
     assert loaded.get_nb_trainable_parameters()[0] == 0, "loaded for inference: nothing trains"
     with pytest.raises(ValueError, match="shape"):
         mp.PeftModel.from_pretrained(MODELS[kind](**WIDER[kind]), tmp_path)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..core.config import REGISTRY, Method, PeftConfig
+from ..core.io import PREFIX
 from ..core.layers import TunerLayer
 
 
@@ -127,6 +128,23 @@ def check_length(model: nn.Module, n_virtual: int, n_tokens: int) -> None:
         )
 
 
+# peft's task types by the end of a transformers class name: peft applies a prompt only in the PeftModel
+# class of a task type, so a saved prompt adapter records the one its model has.
+TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "Model": "FEATURE_EXTRACTION",  # a bare encoder or decoder (BertModel)
+}
+
+
+def task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((task for end, task in TASK_TYPES.items() if name.endswith(end)), None)
+
+
 class PromptMethod(Method):
     """Wraps the input embedding (its one target); `build_encoder` makes each method's prompt encoder."""
 
@@ -142,8 +160,33 @@ class PromptMethod(Method):
         c = model.config
         width = model.get_input_embeddings().weight.shape[1]
         return dataclasses.replace(
-            config, token_dim=width, num_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads
+            config,
+            token_dim=width,
+            num_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            task_type=config.task_type or task_type(model),
         )
+
+    def to_file(self, model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's layout: the prompt as the one table its encoder computes, `prompt_embeddings` (n, width).
+        A reparameterisation (P-tuning's MLP/LSTM, prefix tuning's MLP) is not saved, as in peft: what the
+        file keeps is what inference needs, and it loads folded (`fold_prompt_encoder`)."""
+        encoder = model.get_input_embeddings().prompt_encoder[adapter_name]
+        own = {id(p) for p in encoder.parameters()}
+        with torch.no_grad():
+            table = encoder()  # (n, width)
+        return {"prompt_embeddings": table, **{k: v for k, v in tensors.items() if id(v) not in own}}
+
+    def from_file(
+        self, model: nn.Module, config: PromptLearningConfig, tensors: dict[str, torch.Tensor]
+    ) -> tuple[PromptLearningConfig, dict[str, torch.Tensor]]:
+        """A `prompt_embeddings` table (peft's files and ours) loads as a folded adapter; a file that holds an
+        encoder's own tensors (written by minipeft before it followed peft's layout) loads as it is."""
+        if "prompt_embeddings" not in tensors:
+            return config, tensors
+        site = self.targets(model, config)[0]
+        rest = {k: v for k, v in tensors.items() if k != "prompt_embeddings"}
+        return config.folded(), {**rest, f"{PREFIX}{site}.prompt_encoder.weight": tensors["prompt_embeddings"]}
 
     def prepare_inputs(
         self, peft_model: nn.Module, kwargs: dict[str, Any], adapter_name: str, generating: bool = False
@@ -189,7 +232,8 @@ def extend_for_prefix(
 
 def fold_prompt_encoder(peft_model: nn.Module, adapter_name: str | None = None) -> None:
     """Replace a reparameterised prompt (P-tuning's LSTM/MLP, prefix tuning's MLP) by the table it
-    computes, once training is over: same outputs, fewer parameters, a smaller adapter file."""
+    computes, once training is over: same outputs, fewer parameters. (A saved prompt is that table already:
+    `PromptMethod.to_file`.)"""
     name = adapter_name or peft_model.active_adapter
     embedding = peft_model.get_input_embeddings()
     encoder = embedding.prompt_encoder[name]

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from .architectures import role_pattern
 from .targets import check_pattern, find_targets, matches_pattern
@@ -195,6 +195,18 @@ class Method:
         """Names of other adapters this adapter is built on (AdapterFusion's fused adapters, chapter 08):
         `PeftModel.delete_adapter` refuses to delete them while it exists. Default: none."""
         return []
+
+    def to_file(self, model: nn.Module, adapter_name: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the adapter's file holds, given its tensors under their file keys (`model`: the model with its
+        adapters). Default: those tensors. A method that peft stores in another form writes peft's form."""
+        return tensors
+
+    def from_file(
+        self, model: nn.Module, config: PeftConfig, tensors: dict[str, Tensor]
+    ) -> tuple[PeftConfig, dict[str, Tensor]]:
+        """The inverse of `to_file`, for minipeft's files and peft's: the config to build and the tensors to
+        load under their file keys. `model`: the model the adapter is loaded into. Default: as they are."""
+        return config, tensors
 
     def link(self, model: nn.Module, config: PeftConfig, adapter_name: str, layers: dict[str, nn.Module]) -> None:
         """After every target got its adapter: build what spans layers (a shared vector, a global budget,

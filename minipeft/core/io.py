@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# File keys start with the path of the base model inside peft's PeftModel (peft's layout).
+PREFIX = "base_model.model."
 
 
 # The weights file records a hash of the config it was saved with, and the previous weights are kept under

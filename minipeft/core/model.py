@@ -17,11 +17,10 @@ from torch import nn
 
 from .config import REGISTRY, PeftConfig
 from .inject import adapter_parameters, inject_adapter, replace_module, set_active, set_trainable
-from .io import load_adapter_files, save_adapter
+from .io import PREFIX, load_adapter_files, save_adapter
 from .layers import ModulesToSaveWrapper, TunerLayer
 from .wrapper import AdapterWrapper
 
-PREFIX = "base_model.model."
 # peft_type -> how to combine trained adapters of that method into a new one (`add_weighted_adapter`);
 # filled by the package that implements it (LoRA: minipeft.hybrid.merging), so core imports no method.
 WEIGHTED_COMBINERS: dict = {}
@@ -323,12 +322,13 @@ class PeftModel(nn.Module):
             )
         for name in self._check_names(selected_adapters or list(self.peft_config)):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            save_adapter(directory, self.peft_config[name].to_dict(), self.adapter_state_dict(name))
+            config = self.peft_config[name]
+            tensors = REGISTRY[config.peft_type].to_file(self.base_model.model, name, self.adapter_state_dict(name))
+            save_adapter(directory, config.to_dict(), tensors)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add an adapter read from `path` under `adapter_name`."""
-        config_dict, tensors = load_adapter_files(path)
-        config = PeftConfig.from_dict({**config_dict, "inference_mode": not is_trainable})
+        config, tensors = read_adapter(self.base_model.model, path, is_trainable)
         self.add_adapter(adapter_name, config, _fill=tensor_loader(tensors, path))
 
     def load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], path) -> None:
@@ -357,10 +357,16 @@ class PeftModel(nn.Module):
         """Wrap `model` and load the adapter saved in `path` (by minipeft or by HF peft). For inference
         (is_trainable=False) the model comes back in eval() mode with nothing trainable, as in peft.
         If the file does not fit, `model` is left exactly as it was."""
-        config_dict, tensors = load_adapter_files(path)
-        config = PeftConfig.from_dict({**config_dict, "inference_mode": not is_trainable})
+        config, tensors = read_adapter(model, path, is_trainable)
         peft_model = cls(model, config, adapter_name, _fill=tensor_loader(tensors, path))
         return peft_model if is_trainable else peft_model.eval()
+
+
+def read_adapter(model: nn.Module, path, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """An adapter folder's config and tensors, in the form this model's method builds and loads."""
+    config_dict, tensors = load_adapter_files(path)
+    config = PeftConfig.from_dict({**config_dict, "inference_mode": not is_trainable})
+    return REGISTRY[config.peft_type].from_file(model, config, tensors)
 
 
 def tensor_loader(tensors: dict[str, torch.Tensor], path) -> Callable[[PeftModel, str], None]:

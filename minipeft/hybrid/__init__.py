@@ -1,7 +1,9 @@
 """The hybrid family and composition (chapter 08): methods made of other methods (MAM, UniPELT),
-AdapterFusion over trained adapters, weighted merges of LoRA adapters (`PeftModel.add_weighted_adapter`,
-registered by `merging`) and LoraHub's gradient-free search of the merge weights (`lorahub`)."""
+Compacter's hypercomplex adapters, AdapterFusion over trained adapters, weighted merges of LoRA
+adapters (`PeftModel.add_weighted_adapter`, registered by `merging`) and LoraHub's gradient-free
+search of the merge weights (`lorahub`)."""
 
+from .compacter import CompacterConfig
 from .fusion import FusionConfig, value_regularization
 from .lorahub import LoraHubResult, lorahub
 from .mam import MAMConfig
@@ -10,6 +12,7 @@ from .unipelt import UniPELTConfig, gate_values
 
 __all__ = [
     "COMBINATION_TYPES",
+    "CompacterConfig",
     "FusionConfig",
     "LoraHubResult",
     "MAMConfig",
