@@ -149,6 +149,22 @@ def adapter_parameters(model: nn.Module, adapter_name: str, buffers: bool = Fals
     return out
 
 
+def upcast_adapter(model: nn.Module, adapter_name: str) -> None:
+    """peft's `autocast_adapter_dtype`: an adapter made on a float16/bfloat16 base holds float32 tensors, which
+    train stably; each layer casts its input to them and its output back. Copies of whole modules
+    (`modules_to_save`) keep the base's dtype, as in peft."""
+    for module in model.modules():
+        if not isinstance(module, AdapterWrapper) or isinstance(module, ModulesToSaveWrapper):
+            continue
+        for attr in module.adapter_layer_names:
+            holder = getattr(module, attr)
+            entry = holder[adapter_name] if adapter_name in holder else None
+            tensors = [entry] if isinstance(entry, torch.Tensor) else [] if entry is None else entry.parameters()
+            for t in tensors:
+                if t.dtype in (torch.float16, torch.bfloat16):
+                    t.data = t.data.float()
+
+
 def set_trainable(model: nn.Module, adapter_names: list[str]) -> None:
     """Freeze everything, then unfreeze the parameters of the named adapters."""
     for p in model.parameters():

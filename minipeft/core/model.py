@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import REGISTRY, PeftConfig
-from .inject import adapter_parameters, inject_adapter, replace_module, set_active, set_trainable
+from .inject import adapter_parameters, inject_adapter, replace_module, set_active, set_trainable, upcast_adapter
 from .io import PREFIX, load_adapter_files, save_adapter
 from .layers import ModulesToSaveWrapper, TunerLayer
 from .wrapper import AdapterWrapper
@@ -59,7 +59,14 @@ class PeftModel(nn.Module):
     wrapped twice applies the inner wrapper's adapters first), and each active prompt-style adapter
     rewrites the inputs in that order. All active adapters train."""
 
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default", _fill=None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str = "default",
+        _fill=None,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         super().__init__()
         if any(isinstance(m, AdapterWrapper) for m in model.modules()):
             raise ValueError(
@@ -70,7 +77,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = [adapter_name]
         self.unloaded = False  # True after merge_and_unload()/unload(): the wrappers are gone
-        self.add_adapter(adapter_name, config, _fill)
+        self.add_adapter(adapter_name, config, _fill, autocast_adapter_dtype)
 
     @property
     def active_adapter(self) -> str:
@@ -120,9 +127,12 @@ class PeftModel(nn.Module):
         return out[:, kwargs["input_ids"].shape[1] - n_in :]
 
     # -- adapters -------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: PeftConfig, _fill=None) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: PeftConfig, _fill=None, autocast_adapter_dtype: bool = True
+    ) -> None:
         """Inject a new named adapter; the active adapters do not change (except for the first adapter).
         The config stored in `peft_config` is the one resolved against this model; the caller's is untouched.
+        `autocast_adapter_dtype`: on a float16/bfloat16 base the adapter's tensors are float32 (peft's default).
         (`_fill(self, adapter_name)`: loads the tensors, inside the all-or-nothing injection.)"""
         if not isinstance(config, PeftConfig) or config.peft_type not in REGISTRY:
             raise TypeError(f"expected a minipeft config ({sorted(REGISTRY)}), got {type(config).__name__}")
@@ -131,7 +141,13 @@ class PeftModel(nn.Module):
             raise ValueError("this PeftModel was unloaded (merge_and_unload/unload): wrap the base model again")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already: {sorted(self.peft_config)}")
-        fill = None if _fill is None else lambda: _fill(self, adapter_name)
+
+        def fill() -> None:
+            if autocast_adapter_dtype:
+                upcast_adapter(self.base_model.model, adapter_name)
+            if _fill is not None:
+                _fill(self, adapter_name)
+
         self.peft_config[adapter_name] = inject_adapter(self.base_model.model, config, adapter_name, fill)
         self.set_adapter(self.active_adapters)  # the new adapter's wrappers learn which adapters run
 
@@ -326,10 +342,16 @@ class PeftModel(nn.Module):
             tensors = REGISTRY[config.peft_type].to_file(self.base_model.model, name, self.adapter_state_dict(name))
             save_adapter(directory, config.to_dict(), tensors)
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(
+        self,
+        path: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add an adapter read from `path` under `adapter_name`."""
         config, tensors = read_adapter(self.base_model.model, path, is_trainable)
-        self.add_adapter(adapter_name, config, _fill=tensor_loader(tensors, path))
+        self.add_adapter(adapter_name, config, tensor_loader(tensors, path), autocast_adapter_dtype)
 
     def load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], path) -> None:
         """Copy a file's tensors into the adapter, after checking that keys and shapes all fit."""
@@ -352,13 +374,18 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> PeftModel:
         """Wrap `model` and load the adapter saved in `path` (by minipeft or by HF peft). For inference
         (is_trainable=False) the model comes back in eval() mode with nothing trainable, as in peft.
         If the file does not fit, `model` is left exactly as it was."""
         config, tensors = read_adapter(model, path, is_trainable)
-        peft_model = cls(model, config, adapter_name, _fill=tensor_loader(tensors, path))
+        peft_model = cls(model, config, adapter_name, tensor_loader(tensors, path), autocast_adapter_dtype)
         return peft_model if is_trainable else peft_model.eval()
 
 
@@ -374,11 +401,18 @@ def tensor_loader(tensors: dict[str, torch.Tensor], path) -> Callable[[PeftModel
     return lambda peft_model, adapter_name: peft_model.load_tensors(adapter_name, tensors, path)
 
 
-def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default", quantization=None) -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    config: PeftConfig,
+    adapter_name: str = "default",
+    quantization=None,
+    autocast_adapter_dtype: bool = True,
+) -> PeftModel:
     """Wrap `model` with the method `config` describes; the only entry point.
 
     `quantization` (e.g. `mp.NF4Config()`) first stores the targeted base linears in 4 bits
-    through its `quantize(model, config)`: LoRA on top of that is QLoRA (chapter 09)."""
+    through its `quantize(model, config)`: LoRA on top of that is QLoRA (chapter 09).
+    `autocast_adapter_dtype` (peft's default, True): on a float16/bfloat16 base the adapter is float32."""
     if quantization is not None:
         quantization.quantize(model, config)
-    return PeftModel(model, config, adapter_name)
+    return PeftModel(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -113,6 +113,8 @@ class DeltaLayer(TunerLayer):
             for param_name, entry in self.selective_delta[name].items():
                 key = prefix + param_name
                 params[key] = params.get(key, getattr(base, param_name)) + entry()
+        dtypes = {prefix + n: p.dtype for n, p in base.named_parameters(recurse=False)}
+        params = {k: v.to(dtypes[k]) for k, v in params.items()}  # an fp32 delta on a half-precision base
         return functional_call(self.base_layer, params, (x, *args), kwargs)
 
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
