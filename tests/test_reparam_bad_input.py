@@ -81,3 +81,11 @@ def test_intrinsic_subspace_of_another_base():
 def test_adalora_field_of_the_wrong_type(field, value):
     with pytest.raises(TypeError, match=f"AdaLoraConfig.{field} must be"):
         mp.AdaLoraConfig(**{"total_step": 100, field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value", [("beta1", 1.5), ("beta2", -0.1), ("deltaT", 0), ("tinit", -1), ("orth_reg_weight", -0.5)]
+)
+def test_adalora_numbers_out_of_range_are_refused_with_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"AdaLoraConfig.{field} must be .*got {value}"):
+        mp.AdaLoraConfig(total_step=100, **{field: value})

@@ -93,3 +93,8 @@ def test_fisher_selection_without_data_or_scores():
     model = mp.get_peft_model(tiny_gpt2(), mp.FishMaskConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="needs batches of task data, or the scores"):
         mp.select_by_fisher(model)
+
+
+def test_diff_pruning_negative_l0_weight_is_refused():
+    with pytest.raises(ValueError, match=r"DiffPruningConfig.l0_lambda must be >= 0 .*got -1.0"):
+        mp.DiffPruningConfig(l0_lambda=-1.0)

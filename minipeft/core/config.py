@@ -119,6 +119,12 @@ class RankPatterns(PeftConfig):
         return dataclasses.replace(self, **values, rank_pattern={}, alpha_pattern={}) if values else self
 
 
+def require(config: Any, field: str, ok: bool, expected: str) -> None:
+    """Refuse a value out of its field's range when the config is made: `ok` is the range check."""
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{field} must be {expected}, got {getattr(config, field)!r}")
+
+
 def _matches(value: Any, annotation: Any) -> bool:
     """True if `value` fits a (simple) type annotation: builtins, unions, list[...], Literal."""
     origin = typing.get_origin(annotation)

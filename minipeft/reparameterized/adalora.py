@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import Method, PeftConfig, register
+from ..core.config import Method, PeftConfig, register, require
 from ..core.layers import TunerLayer, check_rank
 from ..core.targets import LINEAR_TYPES
 from .lora import LORA
@@ -70,6 +70,13 @@ class AdaLoraConfig(PeftConfig):
                 f"AdaLoraConfig needs 1 <= target_r <= init_r (the budget only shrinks), got target_r="
                 f"{self.target_r} > init_r={self.init_r}; raise init_r or lower target_r"
             )
+        for beta in ("beta1", "beta2"):  # EMA factors: 1 would never update, above 1 diverges
+            require(self, beta, 0.0 <= getattr(self, beta) < 1.0, "in [0, 1) (the paper's 0.85)")
+        require(self, "deltaT", self.deltaT >= 1, "a number of steps >= 1")
+        require(self, "tinit", self.tinit >= 0, "a number of steps >= 0")
+        require(self, "tfinal", self.tfinal >= 0, "a number of steps >= 0")
+        require(self, "orth_reg_weight", self.orth_reg_weight >= 0, ">= 0 (a penalty weight)")
+        require(self, "lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
         if self.total_step is None or self.total_step <= self.tinit + self.tfinal:
             raise ValueError(
                 f"AdaLoraConfig.total_step must be set and exceed tinit + tfinal = {self.tinit + self.tfinal} "

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import register
+from ..core.config import register, require
 from ..core.layers import innermost
 from .deltas import DeltaLayer, delta_layers, initial_values
 from .masks import SparseConfig, SparseDeltaLayer, SparseMethod, keep_top_k
@@ -49,6 +49,10 @@ class DiffPruningConfig(SparseConfig):
     l0_lambda: float = 40.0
     # Initial log_alpha of every gate: 3 opens them (P(z != 0) = 0.99), so the search starts dense.
     init_log_alpha: float = 3.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "l0_lambda", self.l0_lambda >= 0, ">= 0 (the weight of a penalty; 0 turns it off)")
 
 
 class _AddL0Gradient(torch.autograd.Function):
