@@ -10,20 +10,24 @@ weights and gradients, fp32 master copy and moments) 2 + 2 + 4 + 8 = 16 bytes as
 `estimate_memory(config, peft_config, TrainingSetup(...))` builds the model on the meta
 device (shapes, no storage), applies the PEFT method, and counts: parameters, gradients and
 optimizer states exactly, activations from a per-architecture model of what autograd
-saves (activation_memory.py), and the size of the adapter checkpoint.
+saves (activation_memory.py), and the size of the adapter checkpoint. The last few built models
+are kept: a sweep over batch size, sequence length, optimizer or checkpointing builds each once.
 """
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 from transformers.initialization import no_init_weights
 
+from .activation_memory import ARCHITECTURES, DTYPE_BYTES, activation_bytes
 from .core.config import check_field_types
 from .core.layers import innermost
 from .core.model import PeftModel, get_peft_model
@@ -204,10 +208,6 @@ REQUIRED_FIELDS = {
 
 
 def _as_config(config: PretrainedConfig | dict) -> PretrainedConfig:
-    from transformers import AutoConfig
-
-    from .activation_memory import ARCHITECTURES
-
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"no activation recipe for model_type={model_type!r}; minipeft knows {sorted(ARCHITECTURES)}")
@@ -228,35 +228,70 @@ def build_meta_model(config: PretrainedConfig, setup: TrainingSetup) -> nn.Modul
     return model
 
 
-def estimate_memory(config: PretrainedConfig | dict, peft_config=None, setup: TrainingSetup | None = None):
-    """Bytes of one training step from a transformers config, a PEFT config (None: full
-    fine-tuning) and a TrainingSetup. Exact for weights, gradients and optimizer states."""
-    from .activation_memory import DTYPE_BYTES, activation_bytes
+@dataclass
+class _Counted:
+    """What an estimate reads from the built model: it depends on the shapes, the method, the dtype,
+    the head and the quantization, not on batch, sequence length, optimizer or checkpointing."""
 
-    if setup is None:
-        raise TypeError("estimate_memory needs a TrainingSetup(batch_size=..., seq_len=...)")
-    if setup.quantization is not None and peft_config is None:
-        raise ValueError("a 4-bit base cannot be fine-tuned in full: quantization needs a PEFT config (QLoRA)")
-    config = _as_config(config)
+    model: nn.Module  # on meta, with the PEFT method applied (the activation recipes read its layers)
+    params: int
+    trainable: int
+    weights: int  # bytes, 4-bit linears at their NF4 size
+    checkpoint: int  # elements of the adapter file (full fine-tuning: every parameter)
+
+
+# Recently counted models, by the JSON of what they were built from. A sweep over sequence lengths,
+# batch sizes or optimizers (chapter 09's widget) builds each model once instead of at every point.
+_COUNTED: OrderedDict[str, _Counted] = OrderedDict()
+_COUNTED_SIZE = 4  # a sweep compares a few models; a 65B meta model with QLoRA adapters holds ~16 MB of modules
+
+
+def _counted(config: PretrainedConfig, peft_config, setup: TrainingSetup) -> _Counted:
+    parts = [config.to_dict(), type(peft_config).__name__, peft_config, setup.dtype, setup.task, setup.quantization]
+    key = json.dumps([asdict(p) if is_dataclass(p) else p for p in parts], sort_keys=True, default=repr)
+    if key in _COUNTED:
+        _COUNTED.move_to_end(key)
+        return _COUNTED[key]
     inner = build_meta_model(config, setup)
     quantized = setup.quantization.targets(inner, peft_config) if setup.quantization and peft_config else []
     with torch.device("meta"), no_init_weights():  # adapters on meta too; no random initialisation
         model = inner if peft_config is None else get_peft_model(inner, peft_config)
     e = DTYPE_BYTES[setup.dtype]
     params = list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
     weights = sum(p.numel() for p in params) * e
     for name in quantized:  # stored in NF4 instead of `dtype`
         n = innermost(inner.get_submodule(name)).weight.numel()
         weights += nf4_nbytes(n, setup.quantization.blocksize, setup.quantization.double_quant) - n * e
-    state_bytes = 4 if setup.master_weights or setup.optimizer_dtype == "float32" else e
     saved = model.adapter_state_dict() if isinstance(model, PeftModel) else dict(inner.named_parameters())
+    _COUNTED[key] = counted = _Counted(
+        model=inner,
+        params=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        weights=weights,
+        checkpoint=sum(t.numel() for t in saved.values()),
+    )
+    if len(_COUNTED) > _COUNTED_SIZE:
+        _COUNTED.popitem(last=False)
+    return counted
+
+
+def estimate_memory(config: PretrainedConfig | dict, peft_config=None, setup: TrainingSetup | None = None):
+    """Bytes of one training step from a transformers config, a PEFT config (None: full
+    fine-tuning) and a TrainingSetup. Exact for weights, gradients and optimizer states."""
+    if setup is None:
+        raise TypeError("estimate_memory needs a TrainingSetup(batch_size=..., seq_len=...)")
+    if setup.quantization is not None and peft_config is None:
+        raise ValueError("a 4-bit base cannot be fine-tuned in full: quantization needs a PEFT config (QLoRA)")
+    config = _as_config(config)
+    counted = _counted(config, peft_config, setup)
+    e, trainable = DTYPE_BYTES[setup.dtype], counted.trainable
+    state_bytes = 4 if setup.master_weights or setup.optimizer_dtype == "float32" else e
     return MemoryEstimate(
-        weights=weights + (4 * trainable if setup.master_weights else 0),
+        weights=counted.weights + (4 * trainable if setup.master_weights else 0),
         gradients=trainable * e,
         optimizer=OPTIMIZERS[setup.optimizer][1] * trainable * state_bytes,
-        activations=activation_bytes(inner, config, setup),
-        params=sum(p.numel() for p in params),
+        activations=activation_bytes(counted.model, config, setup),
+        params=counted.params,
         trainable=trainable,
-        checkpoint=sum(t.numel() for t in saved.values()) * e,
+        checkpoint=counted.checkpoint * e,
     )

@@ -5,6 +5,7 @@ for activations) and against published figures (LoRA and QLoRA papers)."""
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -174,9 +175,48 @@ def test_175b_estimates_without_allocating_weights(monkeypatch):
     and dtypes, no storage). The speed itself is not asserted here (it would fail on a loaded machine)."""
     built = []
     monkeypatch.setattr(mp.memory, "build_meta_model", lambda *a: built.append(build_meta_model(*a)) or built[-1])
+    monkeypatch.setattr(mp.memory, "_COUNTED", OrderedDict())  # nothing built before this test
     estimate = estimate_memory(GPT3, mp.LoraConfig(r=4, target_modules=["c_attn"]), TrainingSetup(8, 2048, "bfloat16"))
     assert estimate.params > 174e9
     assert all(t.is_meta for t in [*built[0].parameters(), *built[0].buffers()])
+
+
+def test_a_sweep_builds_each_model_once_and_matches_fresh_estimates(monkeypatch):
+    """Batch, sequence length, optimizer and checkpointing do not change the built model: a sweep over them reuses it.
+    The model's config, the PEFT config (also when edited in place), the dtype or the quantization do: the model is
+    built again. A reused model gives exactly the numbers a fresh build gives."""
+    builds = []
+    monkeypatch.setattr(mp.memory, "build_meta_model", lambda *a: builds.append(a) or build_meta_model(*a))
+    monkeypatch.setattr(mp.memory, "_COUNTED", OrderedDict())
+
+    def fresh(*args):
+        mp.memory._COUNTED.clear()
+        return estimate_memory(*args)
+
+    config, peft_config = tiny_llama().config, lora("llama")
+    estimate_memory(config, peft_config, TrainingSetup(2, 16))
+    sweep = [TrainingSetup(4, 64), TrainingSetup(2, 16, optimizer="sgd", gradient_checkpointing=True, dropout=True)]
+    reused = [estimate_memory(config, peft_config, setup) for setup in sweep]
+    assert len(builds) == 1
+    assert reused == [fresh(config, peft_config, setup) for setup in sweep] and len(builds) == 3
+    assert reused[0].activations != reused[1].activations  # the sweep does change the estimate
+
+    changed = {
+        "model config": (tiny_llama(num_hidden_layers=3).config, peft_config, TrainingSetup(2, 16)),
+        "PEFT config": (config, mp.LoraConfig(r=8, target_modules=TARGETS["llama"]), TrainingSetup(2, 16)),
+        "dtype": (config, peft_config, TrainingSetup(2, 16, dtype="bfloat16")),
+        "quantization": (config, peft_config, TrainingSetup(2, 16, quantization=mp.NF4Config())),
+    }
+    for name, args in changed.items():
+        before = len(builds)
+        assert estimate_memory(*args) == fresh(*args), name
+        assert len(builds) == before + 2, name  # built for the change, then again by fresh()
+    estimate_memory(config, peft_config, TrainingSetup(2, 16))
+    peft_config.r = 2  # edited in place: the same object, another model
+    before = len(builds)
+    assert estimate_memory(config, peft_config, TrainingSetup(2, 16)).trainable < reused[0].trainable
+    assert len(builds) == before + 1
+    assert len(mp.memory._COUNTED) <= mp.memory._COUNTED_SIZE
 
 
 def test_bad_input():
