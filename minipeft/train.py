@@ -49,6 +49,7 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)  # causal LMs: masked loss on the eval pairs
     seconds: float = 0.0  # wall time of the optimizer steps (evaluation excluded)
     trainable: int = 0  # parameters the optimizer updated
 
@@ -83,6 +84,53 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) ->
     return correct / len(dataset)
 
 
+def fit(
+    model: nn.Module,
+    train_set: TensorDataset,
+    config: TrainConfig,
+    backward: Callable[[list[tuple[torch.Tensor, ...]]], float],
+    evaluate_now: Callable[[], float],
+    metric: str,
+    after_step: Callable[[int], object] | None = None,
+) -> History:
+    """The loop every trainer shares: AdamW on whatever requires grad, seeded batches, the bar, the history.
+    Each optimizer step hands `grad_accumulation` batches (moved to the device) to `backward`, which computes
+    the loss, calls backward and returns the loss; `evaluate_now()` is recorded in `history.<metric>`."""
+    model.to(config.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter of the model requires grad: nothing to train")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    history = History(trainable=sum(p.numel() for p in params))
+    accumulate = getattr(config, "grad_accumulation", 1)
+    model.train()
+    step = 0
+    bar = tqdm(total=config.steps, disable=not config.progress, leave=False, desc="train")
+    while step < config.steps:
+        batches = iter(DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=gen))
+        for group in zip(*[batches] * accumulate, strict=False):  # a step's batches; a short tail waits
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = backward([tuple(t.to(config.device) for t in batch) for batch in group])
+            optimizer.step()
+            if after_step is not None:
+                after_step(step + 1)
+            history.seconds += time.perf_counter() - start
+            step += 1
+            history.steps.append(step)
+            history.train_loss.append(loss)
+            bar.update(1)
+            if step % config.eval_every == 0 or step == config.steps:
+                history.eval_steps.append(step)
+                getattr(history, metric).append(evaluate_now())
+            if step == config.steps:
+                break
+    bar.close()
+    model.eval()
+    return history
+
+
 def train_classifier(
     model: nn.Module,
     data: TextClassificationData,
@@ -96,39 +144,14 @@ def train_classifier(
     Hooks for methods that steer their own training (AdaLoRA, chapter 07): `extra_loss()` is added
     to the loss (a regulariser), `after_step(step)` runs after each optimizer step, gradients intact."""
     config = config or TrainConfig()
-    model.to(config.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no parameter of the model requires grad: nothing to train")
     train_set = tokenize(data.train_texts, data.train_labels, tokenizer, config.max_length)
     eval_set = tokenize(data.eval_texts, data.eval_labels, tokenizer, config.max_length)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(config.seed)
-    history = History(trainable=sum(p.numel() for p in params))
-    model.train()
-    step = 0
-    bar = tqdm(total=config.steps, disable=not config.progress, leave=False, desc="train")
-    while step < config.steps:
-        for batch in DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=gen):
-            start = time.perf_counter()
-            ids, mask, labels = (t.to(config.device) for t in batch)
-            ids, mask = trim(ids, mask)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            (loss if extra_loss is None else loss + extra_loss()).backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step(step + 1)
-            history.seconds += time.perf_counter() - start
-            step += 1
-            history.steps.append(step)
-            history.train_loss.append(loss.item())
-            bar.update(1)
-            if step % config.eval_every == 0 or step == config.steps:
-                history.eval_steps.append(step)
-                history.eval_accuracy.append(evaluate(model, eval_set))
-            if step == config.steps:
-                break
-    bar.close()
-    model.eval()
-    return history
+
+    def backward(group: list[tuple[torch.Tensor, ...]]) -> float:
+        ((ids, mask, labels),) = group
+        ids, mask = trim(ids, mask)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss if extra_loss is None else loss + extra_loss()).backward()
+        return loss.item()
+
+    return fit(model, train_set, config, backward, lambda: evaluate(model, eval_set), "eval_accuracy", after_step)
