@@ -197,7 +197,7 @@ def _hash(text: str) -> str:
 @functools.lru_cache(maxsize=4)
 def stdlib_instructions(
     eval_packages: tuple[str, ...] = TOPICS,
-    max_chars: int = 100,
+    max_chars: int = 110,
     max_train: int = 3000,
     max_eval: int = 400,
     heldout_chars: int = 16_000,
@@ -205,7 +205,8 @@ def stdlib_instructions(
     """Pairs from the standard library's public functions: "name" (first docstring sentence -> function name)
     and "summary" (signature -> first docstring sentence). Split by package: eval is `eval_packages` (default
     the packages held out of the testbed's pretraining), so neither the pairs nor their text were ever seen.
-    `max_chars` bounds input and answer (about 60 tokens in all: the testbed's context is 64). Parsing the
+    `max_chars` bounds input + answer: at most 53 testbed tokens with the template and end-of-text, so a pair
+    fits the 64-token context with 10 positions to spare for a prompt method's virtual tokens. Parsing the
     whole library takes ~10 s, so files are read in a stable hashed order until `max_train` and `max_eval`
     pairs (a sample of every part of the library); `heldout_chars` of the eval packages' source are kept for bits
     per byte. Cached: call it freely (the examples are frozen; copy the lists before changing them)."""
@@ -229,7 +230,7 @@ def stdlib_instructions(
             if ">>>" in sentence:  # a doctest, not a description
                 continue
             for kind, question, answer in (("name", sentence, node.name), ("summary", _signature(node), sentence)):
-                if len(question) <= max_chars and len(answer) <= max_chars and (question, answer) not in pairs:
+                if len(question) + len(answer) <= max_chars and (question, answer) not in pairs:
                     pairs[question, answer] = Example(INSTRUCTIONS[kind], question, answer, package)
                     counts[held] += 1
     if not heldout:
