@@ -257,7 +257,8 @@ def load_instructions(
         rows = load_dataset({"jsonl": "json"}.get(suffix, suffix), data_files=data_files)["train"]
     else:
         rows = load_dataset(name, split="train")
-    template = PromptTemplate("{instruction}\n{input}\nAnswer: {answer}")
+    # Alpaca's response marker; a newline, not a space, ends the prompt (the answer then starts a token)
+    template = PromptTemplate("{instruction}\n{input}\n### Response:\n{answer}")
     train, held = [], []
     for row in rows:
         if not row["output"].strip():

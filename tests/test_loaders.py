@@ -8,7 +8,7 @@ import json
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from minipeft.data import docstring_topics, load_text_classification
+from minipeft.data import docstring_topics, load_instructions, load_text_classification, tokenize_instructions
 from minipeft.models import load_classifier, load_testbed, testbed_tokenizer
 
 
@@ -55,3 +55,25 @@ def test_testbed_is_pretrained_and_classifier_head_is_new():
     (a, _), (b, _) = load_classifier(6, seed=0), load_classifier(6, seed=0)
     assert torch.equal(a.score.weight, b.score.weight), "the head is seeded"
     assert torch.equal(a.transformer.wte.weight, lm.transformer.wte.weight)
+
+
+def test_load_instructions_from_a_local_alpaca_style_file(tmp_path):
+    """Alpaca's columns and single split; one row without an answer is skipped, the rest split by a stable hash."""
+    rows = [
+        {"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else "in words", "output": str(2 * i + 1)}
+        for i in range(40)
+    ]
+    rows.append({"instruction": "Say nothing.", "input": "", "output": "  "})
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_instructions(data_files={"train": str(path)}, eval_fraction=0.25)
+    assert len(data.train) + len(data.eval) == 40 and 3 <= len(data.eval) <= 20
+    assert {e.instruction for e in data.train}.isdisjoint(e.instruction for e in data.eval)
+    assert data.heldout_text == [e.answer for e in data.eval]
+    again = load_instructions(data_files={"train": str(path)}, eval_fraction=0.25)
+    assert again.eval == data.eval, "the split is stable across runs"
+    first = data.train[0]
+    assert data.template.prompt(first) == f"{first.instruction}\n{first.input}\n### Response:\n"
+    ids, _, labels = tokenize_instructions([first], data.template, testbed_tokenizer(), 48).tensors
+    answer = testbed_tokenizer()(first.answer)["input_ids"] + [testbed_tokenizer().eos_token_id]
+    assert labels[0][labels[0] != -100].tolist() == answer
