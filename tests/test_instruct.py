@@ -206,3 +206,26 @@ def test_a_short_lora_run_lowers_the_masked_loss_and_generates():
     assert len(result.predictions) == 12 and 0.0 <= result.exact_match <= 1.0
     assert result.similarity > base.similarity, (result.similarity, base.similarity)
     assert base.bits_per_byte == pytest.approx(bits_per_byte(load_testbed(), TOK, data.heldout_text), rel=1e-5)
+
+
+# The other methods that run on a causal LM (LoRA, prefix, prompt tuning and (IA)^3 are above), and full FT.
+OTHERS = {
+    "p_tuning": lambda: mp.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=32),
+    "bitfit": lambda: mp.BitFitConfig(),
+    "ln_tuning": lambda: mp.LNTuningConfig(),
+    "adapter": lambda: mp.AdapterConfig(),
+}
+
+
+@pytest.mark.parametrize("name", [*OTHERS, "full"])
+def test_every_causal_lm_method_trains_and_generates(name):
+    data = InstructionData(EXAMPLES * 4, EXAMPLES, PromptTemplate(), ["def f(x):\n    return x + 1\n"])
+    model = load_testbed() if name == "full" else mp.get_peft_model(load_testbed(), OTHERS[name]())
+    trainable = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    history = train_causal_lm(model, data, TOK, CausalLMConfig(steps=3, batch_size=4, lr=1e-2, progress=False))
+    assert history.trainable == sum(p.numel() for p in trainable.values()) and math.isfinite(history.eval_loss[-1])
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[k], v) for k, v in trainable.items() if v.numel() > 1), "every tensor trained"
+    assert greedy_generate(model, IDS, 8, eos_token_id=1) == greedy_generate(model, IDS, 8, 1, use_cache=False)
+    result = evaluate_generation(model, data, TOK, max_new_tokens=8)
+    assert len(result.predictions) == 3 and result.bits_per_byte > 0
