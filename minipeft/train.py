@@ -27,7 +27,7 @@ from .data import Example, InstructionData, TextClassificationData, scale, token
 class TrainConfig:
     # Optimizer steps; about 5 s for a PEFT method on the tiny testbed (2 CPU cores).
     steps: int = 150
-    # Examples per step.
+    # Examples per batch (per step unless grad_accumulation > 1).
     batch_size: int = 32
     # AdamW learning rate; PEFT methods like 1e-3 to 1e-2; full fine-tuning of the testbed 1e-3 (chapter 01),
     # of large pretrained models ~1e-5 to 1e-4.
@@ -45,6 +45,8 @@ class TrainConfig:
     progress: bool = True
     # Where to train: a GPU when there is one (Colab, full scale), else the CPU.
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    # Batches per optimizer step: the gradient of batch_size x this examples, a large batch in little memory.
+    grad_accumulation: int = 1
 
 
 @dataclass
@@ -102,6 +104,14 @@ def fit(
     """The loop every trainer shares: AdamW on whatever requires grad, seeded batches, the bar, the history.
     Each optimizer step hands `grad_accumulation` batches (moved to the device) to `backward`, which computes
     the loss, calls backward and returns the loss; `evaluate_now()` is recorded in `history.<metric>`."""
+    accumulate = config.grad_accumulation
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ValueError(f"TrainConfig.grad_accumulation must be an integer >= 1, got {accumulate!r}")
+    if -(-len(train_set) // config.batch_size) < accumulate:  # fewer batches than one step takes
+        raise ValueError(
+            f"TrainConfig.grad_accumulation={accumulate} batches of {config.batch_size} need at least "
+            f"{config.batch_size * (accumulate - 1) + 1} training examples, got {len(train_set)}"
+        )
     model.to(config.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -109,7 +119,6 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     history = History(trainable=sum(p.numel() for p in params))
-    accumulate = getattr(config, "grad_accumulation", 1)
     model.train()
     step = 0
     bar = tqdm(total=config.steps, disable=not config.progress, leave=False, desc="train")
@@ -154,11 +163,13 @@ def train_classifier(
     eval_set = tokenize(data.eval_texts, data.eval_labels, tokenizer, config.max_length)
 
     def backward(group: list[tuple[torch.Tensor, ...]]) -> float:
-        ((ids, mask, labels),) = group
-        ids, mask = trim(ids, mask)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        (loss if extra_loss is None else loss + extra_loss()).backward()
-        return loss.item()
+        total = 0.0
+        for i, (ids, mask, labels) in enumerate(group):  # equal batches: the mean of their means
+            ids, mask = trim(ids, mask)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / len(group)
+            (loss if extra_loss is None or i else loss + extra_loss()).backward()
+            total += loss.item()
+        return total
 
     return fit(model, train_set, config, backward, lambda: evaluate(model, eval_set), "eval_accuracy", after_step)
 
@@ -171,8 +182,6 @@ class CausalLMConfig(TrainConfig):
     # Tokens per pair, prompt + answer + end-of-text. tiny: the testbed's whole context (64 positions; a prompt
     # method's virtual tokens take some, and the examples must fit what is left). full: 256 (Alpaca, GPT-2).
     max_length: int = field(default_factory=lambda: 64 if scale() == "tiny" else 256)
-    # Batches per optimizer step: the gradient of batch_size x this pairs, for a large batch in little memory.
-    grad_accumulation: int = 1
 
 
 def virtual_tokens(model: nn.Module) -> int:
@@ -230,8 +239,6 @@ def train_causal_lm(
     With accumulation a step's loss is the mean over all its answer tokens, as one large batch. Every pair is
     checked to fit the context before anything trains. The history's eval_loss is the masked loss on eval."""
     config = config or CausalLMConfig()
-    if not isinstance(config.grad_accumulation, int) or config.grad_accumulation < 1:
-        raise ValueError(f"grad_accumulation must be an integer >= 1, got {config.grad_accumulation!r}")
     length = min(config.max_length, room(model))
     train_set = tokenize_instructions(data.train, data.template, tokenizer, length)
     eval_set = tokenize_instructions(data.eval, data.template, tokenizer, length)

@@ -177,6 +177,12 @@ def test_a_pair_that_leaves_no_room_for_virtual_tokens_is_refused_before_trainin
     with pytest.raises(ValueError, match="example 1: its prompt has 14 tokens, but the model has 14 positions"):
         evaluate_generation(model, data, TOK)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plain = load_testbed()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    for bad, message in ((0, "grad_accumulation must be an integer >= 1, got 0"), (9, "need at least 25 training")):
+        with pytest.raises(ValueError, match=message):
+            train_causal_lm(plain, data, TOK, CausalLMConfig(steps=2, batch_size=3, grad_accumulation=bad))
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())
 
 
 def test_bits_per_byte_equals_a_hand_computation():
