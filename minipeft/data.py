@@ -4,6 +4,9 @@ The `tiny` task: classify a Python standard-library docstring by the package it 
 from (asyncio, email, logging, tkinter, unittest, xml). The text is real English written
 by people, present on every machine, and the testbed model never saw these packages in
 pretraining (scripts/pretrain_testbed.py holds them out). Used from chapter 01 on.
+
+Chapter 13's instruction pairs come from the same library (docstring -> function name, signature -> first
+docstring sentence), split by package with those six held out; at `full` scale, Stanford Alpaca.
 """
 
 from __future__ import annotations
