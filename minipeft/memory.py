@@ -174,6 +174,9 @@ class TrainingSetup:
     optimizer_dtype: Literal["param", "float32"] = "param"
     # Mixed precision: an fp32 master copy of every trainable weight (counted with the weights).
     master_weights: bool = False
+    # Adapters on a 16-bit base: "float32", as get_peft_model makes them (peft's autocast_adapter_dtype), or
+    # "base", in the base's dtype (autocast_adapter_dtype=False; the LoRA paper's fp16 checkpoints).
+    adapter_dtype: Literal["float32", "base"] = "float32"
     # Keep only each block's input and recompute the block in the backward pass.
     gradient_checkpointing: bool = False
     # Dropout layers active (model.train() and p > 0 in the config): their masks are saved.
@@ -237,7 +240,8 @@ class _Counted:
     params: int
     trainable: int
     weights: int  # bytes, 4-bit linears at their NF4 size
-    checkpoint: int  # elements of the adapter file (full fine-tuning: every parameter)
+    gradients: int  # bytes: one per trainable value, in its dtype (an adapter on a 16-bit base may be fp32)
+    checkpoint: int  # bytes of the adapter file (full fine-tuning: every parameter)
 
 
 # Recently counted models, by the JSON of what they were built from. A sweep over sequence lengths,
@@ -247,7 +251,8 @@ _COUNTED_SIZE = 4  # a sweep compares a few models; a 65B meta model with QLoRA 
 
 
 def _counted(config: PretrainedConfig, peft_config, setup: TrainingSetup) -> _Counted:
-    parts = [config.to_dict(), type(peft_config).__name__, peft_config, setup.dtype, setup.task, setup.quantization]
+    parts = [config.to_dict(), type(peft_config).__name__, peft_config]
+    parts += [setup.dtype, setup.adapter_dtype, setup.task, setup.quantization]
     key = json.dumps([asdict(p) if is_dataclass(p) else p for p in parts], sort_keys=True, default=repr)
     if key in _COUNTED:
         _COUNTED.move_to_end(key)
@@ -255,10 +260,11 @@ def _counted(config: PretrainedConfig, peft_config, setup: TrainingSetup) -> _Co
     inner = build_meta_model(config, setup)
     quantized = setup.quantization.targets(inner, peft_config) if setup.quantization and peft_config else []
     with torch.device("meta"), no_init_weights():  # adapters on meta too; no random initialisation
-        model = inner if peft_config is None else get_peft_model(inner, peft_config)
+        autocast = setup.adapter_dtype == "float32"
+        model = inner if peft_config is None else get_peft_model(inner, peft_config, autocast_adapter_dtype=autocast)
     e = DTYPE_BYTES[setup.dtype]
     params = list(model.parameters())
-    weights = sum(p.numel() for p in params) * e
+    weights = sum(_nbytes(p) for p in params)
     for name in quantized:  # stored in NF4 instead of `dtype`
         n = innermost(inner.get_submodule(name)).weight.numel()
         weights += nf4_nbytes(n, setup.quantization.blocksize, setup.quantization.double_quant) - n * e
@@ -268,7 +274,8 @@ def _counted(config: PretrainedConfig, peft_config, setup: TrainingSetup) -> _Co
         params=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad),
         weights=weights,
-        checkpoint=sum(t.numel() for t in saved.values()),
+        gradients=sum(_nbytes(p) for p in params if p.requires_grad),
+        checkpoint=sum(_nbytes(t) for t in saved.values()),
     )
     if len(_COUNTED) > _COUNTED_SIZE:
         _COUNTED.popitem(last=False)
@@ -284,14 +291,15 @@ def estimate_memory(config: PretrainedConfig | dict, peft_config=None, setup: Tr
         raise ValueError("a 4-bit base cannot be fine-tuned in full: quantization needs a PEFT config (QLoRA)")
     config = _as_config(config)
     counted = _counted(config, peft_config, setup)
-    e, trainable = DTYPE_BYTES[setup.dtype], counted.trainable
-    state_bytes = 4 if setup.master_weights or setup.optimizer_dtype == "float32" else e
+    trainable = counted.trainable
+    # torch.optim keeps a state like its weight (the gradients' bytes); fp32 states (or a master copy) 4 bytes each
+    state_bytes = 4 * trainable if setup.master_weights or setup.optimizer_dtype == "float32" else counted.gradients
     return MemoryEstimate(
         weights=counted.weights + (4 * trainable if setup.master_weights else 0),
-        gradients=trainable * e,
-        optimizer=OPTIMIZERS[setup.optimizer][1] * trainable * state_bytes,
+        gradients=counted.gradients,
+        optimizer=OPTIMIZERS[setup.optimizer][1] * state_bytes,
         activations=activation_bytes(counted.model, config, setup),
         params=counted.params,
         trainable=trainable,
-        checkpoint=counted.checkpoint * e,
+        checkpoint=counted.checkpoint,
     )

@@ -52,12 +52,12 @@ CASES = {
     "gpt2 full checkpointing": ("gpt2", None, {"gradient_checkpointing": True, "attention": "math"}, True, None),
     "gpt2 qlora": ("gpt2", lora(), {}, False, mp.NF4Config()),
     "llama full momentum": ("llama", None, {"optimizer": "sgd_momentum"}, False, None),
-    "llama lora bf16": ("llama", lora("llama"), {"dtype": "bfloat16"}, False, None),
+    "llama lora bf16": ("llama", lora("llama"), {"dtype": "bfloat16", "adapter_dtype": "base"}, False, None),
     "llama full eager": ("llama", None, {"attention": "math"}, False, None),
     "llama qlora checkpointing bf16": (
         "llama",
         lora("llama", targets="all-linear"),
-        {"dtype": "bfloat16", "gradient_checkpointing": True},
+        {"dtype": "bfloat16", "gradient_checkpointing": True, "adapter_dtype": "base"},
         True,
         mp.NF4Config(target_modules="all-linear", double_quant=False),
     ),
@@ -73,7 +73,12 @@ def test_estimate_matches_measured_tensors_on_tiny_models(case):
     config = copy.deepcopy(base.config)
     if setup.gradient_checkpointing:  # reentrant: the recomputation passes through the measuring hooks
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    model = base if peft_config is None else mp.get_peft_model(base, copy.deepcopy(peft_config), quantization=quantize)
+    autocast = setup.adapter_dtype == "float32"
+    model = (
+        base
+        if peft_config is None
+        else mp.get_peft_model(base, copy.deepcopy(peft_config), quantization=quantize, autocast_adapter_dtype=autocast)
+    )
     model.train(train)
     measured, estimate = compare(model, config, peft_config, setup, lambda m: m(input_ids=IDS, labels=IDS).loss)
     check(measured, estimate)
@@ -108,6 +113,27 @@ def test_estimate_matches_measured_tensors_on_the_testbed(testbed_batch, method)
     check(measured, estimate)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fp32_adapters_on_a_16bit_base(dtype):
+    """get_peft_model's default on a 16-bit base (peft's autocast_adapter_dtype): the adapters, their gradients and
+    optimizer states are fp32. Weights, gradients and states are counted exactly; the activations' recipe
+    (activation_memory.py) still counts LoRA's saved input in the base's dtype, so they are not compared here."""
+    setup = TrainingSetup(B, T, dtype=dtype)
+    model = mp.get_peft_model(tiny_llama().to(getattr(torch, dtype)), lora("llama"))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    measured = measure_training_memory(model, lambda m: m(input_ids=IDS, labels=IDS).loss)
+    estimate = estimate_memory(tiny_llama().config, lora("llama"), setup)
+    assert (measured.weights, measured.gradients, measured.optimizer) == (
+        estimate.weights,
+        estimate.gradients,
+        estimate.optimizer,
+    )
+    in_base_dtype = estimate_memory(
+        tiny_llama().config, lora("llama"), TrainingSetup(B, T, dtype, adapter_dtype="base")
+    )
+    assert estimate.gradients == 2 * in_base_dtype.gradients == 4 * estimate.trainable
+
+
 def test_checkpoint_size_is_the_adapter_file(tmp_path):
     config = lora(targets=["c_attn", "c_fc"])
     model = mp.get_peft_model(tiny_gpt2(), copy.deepcopy(config))
@@ -137,17 +163,24 @@ LLAMA = {
     "65B": LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64),
 }
 QLORA = mp.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
-QLORA_SETUP = dict(dtype="bfloat16", optimizer_dtype="float32", gradient_checkpointing=True, dropout=True)
+# The paper's recipe: bf16 compute and adapters, 32-bit (paged) AdamW states, gradient checkpointing.
+QLORA_SETUP = dict(
+    dtype="bfloat16", adapter_dtype="base", optimizer_dtype="float32", gradient_checkpointing=True, dropout=True
+)
 
 
 def test_gpt3_lora_figures():
     """LoRA paper (Hu et al., 2022, Sec. 4.2 and Table 4): r=4 on Wq, Wv of GPT-3 175B trains 18.9M
     parameters and the checkpoint shrinks from 350 GB to about 35 MB. GPT-2-class models fuse
-    Wq, Wk, Wv in c_attn: r (d + 3d) per layer = 2 r (d + d), the same count."""
-    estimate = estimate_memory(GPT3, mp.LoraConfig(r=4, target_modules=["c_attn"]), TrainingSetup(1, 2048, "float16"))
+    Wq, Wk, Wv in c_attn: r (d + 3d) per layer = 2 r (d + d), the same count. The paper's adapters are fp16
+    (adapter_dtype="base"); get_peft_model's default on a 16-bit base, fp32 adapters, doubles the file."""
+    config = mp.LoraConfig(r=4, target_modules=["c_attn"])
+    estimate = estimate_memory(GPT3, config, TrainingSetup(1, 2048, "float16", adapter_dtype="base"))
     assert estimate.trainable == 96 * 2 * 4 * (12288 + 12288) and abs(estimate.trainable / 18.9e6 - 1) < 0.01
     assert abs(estimate.params / 175e9 - 1) < 0.01
     assert abs(estimate.checkpoint / 2**20 / 35 - 1) < 0.05  # 36.0 MiB (37.7 MB) vs the paper's "35MB"
+    fp32_adapters = estimate_memory(GPT3, config, TrainingSetup(1, 2048, "float16"))
+    assert fp32_adapters.checkpoint == 2 * estimate.checkpoint == fp32_adapters.gradients
     full = estimate_memory(GPT3, None, TrainingSetup(1, 2048, "float16"))
     assert abs(full.checkpoint / 350e9 - 1) < 0.01
 
