@@ -182,6 +182,9 @@ class CausalLMConfig(TrainConfig):
     # Tokens per pair, prompt + answer + end-of-text. tiny: the testbed's whole context (64 positions; a prompt
     # method's virtual tokens take some, and the examples must fit what is left). full: 256 (Alpaca, GPT-2).
     max_length: int = field(default_factory=lambda: 64 if scale() == "tiny" else 256)
+    # Loss over the answer only (the SFT objective, p(answer | prompt)); False scores the prompt's tokens too (the
+    # unmasked objective chapter 13 compares it with). The eval loss is over the answer either way.
+    mask_prompt: bool = True
 
 
 def virtual_tokens(model: nn.Module) -> int:
@@ -242,6 +245,9 @@ def train_causal_lm(
     length = min(config.max_length, room(model))
     train_set = tokenize_instructions(data.train, data.template, tokenizer, length)
     eval_set = tokenize_instructions(data.eval, data.template, tokenizer, length)
+    if not config.mask_prompt:  # every real token is a target; -100 stays on the padding only
+        ids, mask, _ = train_set.tensors  # (N, T) each
+        train_set = TensorDataset(ids, mask, ids.masked_fill(mask == 0, -100))
 
     def backward(group: list[tuple[torch.Tensor, ...]]) -> float:
         group = [_trim3(*batch) for batch in group]
@@ -258,15 +264,23 @@ def train_causal_lm(
 
 @torch.no_grad()
 def greedy_generate(
-    model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int, use_cache: bool = True
+    model: nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    use_cache: bool = True,
+    adapter_names: list[str] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of equal-length prompts `ids` (B, T), each cut after its end-of-text token.
     use_cache=True: `generate` with the KV cache (what serving does); False: one full forward per new
-    token (the definition, the reference the cached path must equal)."""
+    token (the definition, the reference the cached path must equal). `adapter_names` (a PeftModel): one
+    adapter per row, a mixed batch (chapter 11)."""
     ones = torch.ones_like(ids)  # (B, T): no padding, the prompts share a length
+    rows = {} if adapter_names is None else {"adapter_names": adapter_names}
     if use_cache:
         out = model.generate(
             input_ids=ids,
+            **rows,
             attention_mask=ones,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -278,12 +292,12 @@ def greedy_generate(
         out = ids[:, :0]
         for _ in range(max_new_tokens):
             seq = torch.cat([ids, out], dim=1)  # (B, T + t)
-            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1)  # (B,)
+            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq), **rows).logits[:, -1].argmax(-1)  # (B,)
             out = torch.cat([out, nxt[:, None]], dim=1)
             if (out == eos_token_id).any(1).all():
                 break
-    rows = [row.tolist() for row in out]
-    return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in rows]
+    tokens = [row.tolist() for row in out]
+    return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in tokens]
 
 
 def bits_per_byte(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32) -> float:
