@@ -44,13 +44,11 @@ class TextClassificationData:
 def stdlib_files(root: Path | None = None) -> list[tuple[str, Path]]:
     """(top-level package, path) for every library .py file, sorted for determinism."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    out = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if any(p in SKIPPED for p in parts):
-            continue
-        out.append((parts[0].removesuffix(".py"), path))
-    return out
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIPPED]  # pruned, not walked: site-packages alone is large
+        paths += [Path(folder, f) for f in files if f.endswith(".py")]
+    return [(p.relative_to(root).parts[0].removesuffix(".py"), p) for p in sorted(paths)]
 
 
 def _first_paragraph(doc: str) -> str:

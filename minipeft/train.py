@@ -76,20 +76,35 @@ def trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return ids[:, :n], mask[:, :n]  # (B, n), (B, n)
 
 
+def by_length(dataset: TensorDataset, batch_size: int) -> list[torch.Tensor]:
+    """Index batches of a right-padded dataset, shortest examples first: trimmed, they carry little padding.
+    For evaluation, where order does not matter (a row's output does not depend on its batch's padding)."""
+    return list(dataset.tensors[1].sum(1).argsort(stable=True).split(batch_size))  # each (b,)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) -> float:
-    """Accuracy of `model` on a tokenized dataset (input_ids, attention_mask, labels)."""
+def predict(
+    model: nn.Module, dataset: TensorDataset, batch_size: int = 256, adapter_names: list[str] | None = None
+) -> torch.Tensor:
+    """The predicted class of every example of a tokenized dataset (input_ids, attention_mask, ...), in its
+    order; `adapter_names` routes each row to an adapter (a mixed batch, chapter 11)."""
+    if adapter_names is not None and len(adapter_names) != len(dataset):
+        raise ValueError(f"adapter_names needs one name per example ({len(dataset)}), got {len(adapter_names)}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = 0
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        ids, mask, labels = (t.to(device) for t in batch)
-        ids, mask = trim(ids, mask)
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, num_labels)
-        correct += (logits.argmax(-1) == labels).sum().item()
+    out = torch.empty(len(dataset), dtype=torch.long)  # (N,)
+    for idx in by_length(dataset, batch_size):
+        ids, mask = trim(dataset.tensors[0][idx].to(device), dataset.tensors[1][idx].to(device))  # (b, n) each
+        routes = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
+        out[idx] = model(input_ids=ids, attention_mask=mask, **routes).logits.argmax(-1).cpu()  # (b,)
     model.train(was_training)
-    return correct / len(dataset)
+    return out
+
+
+def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) -> float:
+    """Accuracy of `model` on a tokenized dataset (input_ids, attention_mask, labels)."""
+    return (predict(model, dataset, batch_size) == dataset.tensors[2]).sum().item() / len(dataset)
 
 
 def fit(
@@ -221,8 +236,8 @@ def evaluate_loss(model: nn.Module, dataset: TensorDataset, batch_size: int = 12
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        ids, mask, labels = _trim3(*(t.to(device) for t in batch))
+    for idx in by_length(dataset, batch_size):
+        ids, mask, labels = _trim3(*(t[idx].to(device) for t in dataset.tensors))
         total += masked_lm_loss(model, ids, mask, labels, reduction="sum").item()
         count += int((labels[:, 1:] != -100).sum())
     model.train(was_training)
