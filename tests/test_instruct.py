@@ -83,6 +83,44 @@ def test_masked_loss_equals_a_hand_computation():
     assert not torch.isclose(unmasked, hand, rtol=0.05), "with the prompt in the loss it would differ"
 
 
+def test_unmasked_training_scores_every_real_token():
+    """mask_prompt=False (chapter 13's comparison): the first step's loss is the mean over every real token after
+    the first, prompt included, computed by hand pair by pair; the default scores the answers only."""
+    data = InstructionData(EXAMPLES, EXAMPLES, PromptTemplate(), [])
+    losses = {}
+    for mask_prompt in (True, False):
+        model = mp.get_peft_model(load_testbed(), mp.LoraConfig(r=2))  # B = 0: the first loss is the base model's
+        config = CausalLMConfig(steps=1, batch_size=3, lr=1e-3, progress=False, mask_prompt=mask_prompt)
+        losses[mask_prompt] = train_causal_lm(model, data, TOK, config).train_loss[0]
+    base, total, count = load_testbed(), 0.0, 0
+    with torch.no_grad():
+        for e in EXAMPLES:
+            ids = TOK(PromptTemplate().prompt(e))["input_ids"] + TOK(e.answer)["input_ids"] + [TOK.eos_token_id]
+            logits = base(input_ids=torch.tensor([ids])).logits[0]  # (n, V)
+            total += F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
+            count += len(ids) - 1
+    assert losses[False] == pytest.approx(total / count, rel=1e-5)
+    assert losses[True] != pytest.approx(losses[False], rel=0.05)
+
+
+def test_a_mixed_generation_batch_equals_each_row_alone():
+    """greedy_generate(adapter_names=...): every row continues with its own adapter, cached or not."""
+    torch.manual_seed(0)
+    model = mp.get_peft_model(load_testbed(), PAIRS["lora"][0](), adapter_name="a")
+    model.add_adapter("b", PAIRS["lora"][0]())
+    perturb(model)
+    model.eval()
+    routes = ["a", "b", "a"]
+    alone = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        alone[name] = greedy_generate(model, IDS, max_new_tokens=10, eos_token_id=1)
+    assert alone["a"] != alone["b"], "the two adapters must generate differently for the test to see the routing"
+    expected = [alone[name][row] for row, name in enumerate(routes)]
+    for use_cache in (True, False):
+        assert greedy_generate(model, IDS, 10, 1, use_cache=use_cache, adapter_names=routes) == expected
+
+
 def test_gradient_accumulation_equals_one_large_batch():
     data = InstructionData(EXAMPLES * 3, EXAMPLES, PromptTemplate(), [])
     after = []
@@ -220,6 +258,12 @@ OTHERS = {
     "bitfit": lambda: mp.BitFitConfig(),
     "ln_tuning": lambda: mp.LNTuningConfig(),
     "adapter": lambda: mp.AdapterConfig(),
+    "dora": lambda: mp.LoraConfig(r=2, use_dora=True),
+    "loha": lambda: mp.LoHaConfig(r=2, target_modules=["c_attn"]),
+    "vera": lambda: mp.VeraConfig(r=16, target_modules=["c_attn"]),
+    "mam": lambda: mp.MAMConfig(num_virtual_tokens=4, prefix_projection=False, encoder_hidden_size=None),
+    "unipelt": lambda: mp.UniPELTConfig(r=2, num_virtual_tokens=4, prefix_projection=False, encoder_hidden_size=None),
+    "compacter": lambda: mp.CompacterConfig(bottleneck_size=16, phm_dim=4),
 }
 
 
