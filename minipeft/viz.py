@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
+from .experiment import Result
 from .train import History
 
 KINDS_COLORS = {"weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
@@ -40,6 +41,25 @@ def plot_tradeoff(
         ax.axhline(baseline, color="grey", ls="--", lw=1, label="majority class")
         ax.legend(fontsize=8)
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="eval accuracy")
+    return ax
+
+
+def plot_results(results: Mapping[str, Result], ax: Axes | None = None, baseline: float | None = None) -> Axes:
+    """Mean eval accuracy against trainable parameters (log scale), with 95% confidence intervals over seeds as
+    error bars: {name: Result} from `minipeft.experiment`."""
+    ax = _axes(ax)
+    for name, r in results.items():
+        ax.errorbar(r.trainable, r.mean, yerr=r.half_width, fmt="o", ms=5, capsize=3)
+        ax.annotate(name, (r.trainable, r.mean), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="majority class")
+        ax.legend(fontsize=8)
+    seeds = sorted({len(r.seeds) for r in results.values()})
+    ax.set(
+        xscale="log",
+        xlabel="trainable parameters",
+        ylabel=f"eval accuracy (mean, 95% CI, {'/'.join(map(str, seeds))} seeds)",
+    )
     return ax
 
 

@@ -4,6 +4,7 @@ the chapter map is the toc, and every chapter installs the package from the one 
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -144,3 +145,55 @@ def test_explore_precomputes_every_combination():
     ]:
         with pytest.raises(ValueError, match=message):
             explore(show, **bad)
+
+
+LEAKS = [
+    r"&lt;function [\w.<>]+ at 0x",  # a function's repr: a widget or plot helper returned instead of shown
+    r"&lt;(?:matplotlib\.)?[\w.]*(?:Axes|Figure|Text|Line2D|BarContainer|ErrorbarContainer)[^&]*&gt;",
+    r"\[&lt;matplotlib\.",  # a list of artists
+    r"Text\(\d",  # an annotation's repr
+]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_pages_leak_no_reprs_or_warnings(chapter):
+    page = build().page(chapter)
+    for pattern in LEAKS:
+        found = re.search(pattern, page)
+        assert not found, f"{chapter}: a leaked repr in the page: {found.group(0)!r} (end the cell with ';' or assign)"
+    executed = notebook(chapter, executed=True)
+    stderr = [
+        "".join(o.get("text", ""))
+        for c in executed["cells"]
+        if c["cell_type"] == "code"
+        for o in c["outputs"]
+        if o.get("name") == "stderr"
+    ]
+    warnings = [t for t in stderr if re.search(r"\bWarning\b|warnings\.warn", t)]
+    assert not warnings, f"{chapter}: a warning printed in the page: {warnings[0][:300]}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_comparisons_carry_their_baselines_and_seeds(chapter):
+    """A chapter that compares methods through minipeft.experiment ships a seed grid with at least 3 seeds per run,
+    includes the linear probe and full fine-tuning of the same weights, and checks its live runs against the grid."""
+    from minipeft.experiment import GRID_DIR
+
+    source = json.dumps(notebook(chapter))
+    stem = Path(chapter).name
+    if "Experiment(" not in source:
+        return
+    assert "mismatches()" in source, f"{chapter}: no check of the live runs against the grid"
+    grids = sorted(GRID_DIR.glob(f"{stem}*.csv"))
+    assert grids, f"{chapter} uses Experiment but ships no grid in {GRID_DIR}"
+    names: set[str] = set()
+    for grid in grids:
+        rows = list(csv.DictReader(open(grid)))
+        seeds: dict[str, set] = {}
+        for r in rows:
+            seeds.setdefault(r["name"], set()).add(r["seed"])
+        assert all(len(s) >= 3 for s in seeds.values()), f"{grid.name}: a run with fewer than 3 seeds"
+        names |= set(seeds)
+    lowered = {n.lower() for n in names}
+    assert any("probe" in n for n in lowered), f"{chapter}: no linear probe in its comparisons"
+    assert any("full fine-tuning" in n for n in lowered), f"{chapter}: no full fine-tuning in its comparisons"

@@ -39,3 +39,24 @@ def test_medians_in_milliseconds_interleaved_without_grad():
 def test_rounds_below_one():
     with pytest.raises(ValueError, match="at least one round"):
         forward_ms({"m": Sleeper(0)}, {"x": torch.ones(1)}, rounds=0)
+
+
+def test_train_step_runs_backward_in_turns_and_moves_nothing():
+    from minipeft.models import tiny_gpt2
+    from minipeft.timing import train_step_ms
+
+    a, b = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    for p in b.parameters():
+        p.requires_grad_(False)
+    b.lm_head.weight.requires_grad_(True)  # tied to the embeddings: one trainable tensor
+    named = lambda: [(f"{k}.{n}", p) for k, m in (("a", a), ("b", b)) for n, p in m.named_parameters()]
+    before = {n: p.clone() for n, p in named()}
+    calls = []
+    for name, m in (("a", a), ("b", b)):
+        m.register_forward_hook(lambda *_, name=name: calls.append(name))
+    ids = torch.randint(0, 256, (2, 8))
+    ms = train_step_ms({"a": a, "b": b}, {"input_ids": ids, "labels": ids}, rounds=2)
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+    assert calls == ["a", "b"] * 3  # warm-up, then two rounds in turns
+    assert all(p.grad is None for p in [*a.parameters(), *b.parameters()])  # cleared
+    assert all(torch.equal(before[n], p) for n, p in named())  # no optimizer step
