@@ -62,6 +62,8 @@ def test_learning_rate_by_config_and_unknown():
 
     assert learning_rate(mp.LoraConfig(r=2)) == learning_rate("LORA")
     assert learning_rate(None) == learning_rate("FULL")
+    assert learning_rate(mp.DiffPruningConfig(sparsity=0.01)) == learning_rate("FISHMASK")  # the alias
+    assert set(experiment.LEARNING_RATES).isdisjoint(experiment.ALIASES)
     with pytest.raises(KeyError, match="no learning rate for 'NOPE'"):
         learning_rate("NOPE")
 
