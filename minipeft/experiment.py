@@ -38,7 +38,8 @@ from .train import History
 # Learning rates per method (peft_type; "FULL" full fine-tuning, "PROBE" the head alone), AdamW, batch 32, 40 steps
 # on the testbed: the best mean accuracy over two seeds among 1e-3 ... 1e-1 (full fine-tuning: 1e-4 ... 3e-3).
 # The sweep's means (benchmarks/results/lr_sweep.csv) put LoRA's best at 3e-3 and (IA)^3's at 3e-2; at 40 steps
-# prompt tuning, prefix tuning, VeRA and BitFit stay within 2 points of the probe (0.465) at every rate, P-tuning below it.
+# prompt tuning, prefix tuning, VeRA and BitFit stay within 2 points of the probe (0.465) at every rate, P-tuning
+# below it.
 LEARNING_RATES: dict[str, float] = {
     "LORA": 3e-3,  # DoRA, rsLoRA and PiSSA are LoRA configs: the same rate
     "ADALORA": 1e-2,
