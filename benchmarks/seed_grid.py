@@ -26,7 +26,7 @@ def main(paths: list[str]) -> None:
     for path in map(Path, paths):
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
-        NotebookClient(nb, timeout=3600, resources={"metadata": {"path": str(path.parent)}}).execute()
+        NotebookClient(nb, timeout=None, resources={"metadata": {"path": str(path.parent)}}).execute()
         print(f"{path}: grid written in {time.perf_counter() - start:.0f} s", flush=True)
 
 
