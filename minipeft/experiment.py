@@ -1,5 +1,6 @@
 """Comparisons a reader can trust: each method over several seeds, a mean with a 95% confidence interval, and a
-learning rate per method from one documented sweep. Every chapter that compares methods (02-13) goes through here.
+learning rate per method from one documented sweep. Chapters 01 and 07 compare methods through it (chapter 07 teaches
+the comparisons; book/how_to_read.md explains them to readers).
 
 Why: one run of 40 steps scored on 326 examples moves by several points from seed to seed, so a single run cannot
 rank two methods. And one learning rate for all leaves some methods at their initialisation: soft prompts, (IA)^3
@@ -11,8 +12,8 @@ Seeds at `tiny` scale: a chapter trains seed 0 live and shows the spread of a gr
 `benchmarks/seed_grid.py` precomputed by running the same notebook with MINIPEFT_SEEDS=0,...,4 and
 MINIPEFT_GRID=write (shipped in `minipeft/assets/grids/<chapter>.csv`). A run whose setup differs from the grid's
 is refused, and the live run must fall inside the grid's spread (within `TOLERANCE`), so the grid cannot drift
-from the code that made it. At `full` scale (a GPU) every seed
-runs live. MINIPEFT_SEEDS overrides the seeds at either scale.
+from the code that made it. At `full` scale (a GPU) every seed runs live. MINIPEFT_SEEDS overrides the seeds at
+either scale.
 """
 
 from __future__ import annotations
